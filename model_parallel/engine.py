@@ -1,0 +1,287 @@
+"""LLMEngine runs one step: schedule, forward, sample, update. AsyncEngine drives it from one
+background thread and hands each request an async stream of its outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from model_parallel.block_manager import BlockManager
+from model_parallel.config import EngineConfig, LlamaArchConfig, resolve_dtype
+from model_parallel.detokenizer import IncrementalDetokenizer
+from model_parallel.distributed import TPGroup
+from model_parallel.loader import resolve_model_path
+from model_parallel.model_runner import ModelRunner
+from model_parallel.request import (
+    CompletionOutput,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    TokenLogprobs,
+)
+from model_parallel.sampler import Sampler, SamplingMetadata
+from model_parallel.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _RequestState:
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    pending: list[Sequence] = field(default_factory=list)  # n > 1 siblings, admitted after seq 0's prefill
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        path = resolve_model_path(config.model.model, config.model.cache_dir)
+        self.arch = LlamaArchConfig.from_checkpoint(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        device = config.parallel.torch_device()
+        dtype = resolve_dtype(config.model.dtype, device)
+        limit = self.arch.max_position_embeddings
+        self.max_model_len = min(config.model.max_model_len or limit, limit)
+        self.runner = ModelRunner(config, self.arch, str(path), self.max_model_len, dtype, device,
+                                  TPGroup())
+        bs = config.cache.block_size
+        self.block_manager = BlockManager(self.runner.num_blocks, bs,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.pool_tokens = self.runner.num_blocks * bs
+        self.max_seq_len = min(self.max_model_len, self.pool_tokens)
+        eos = set(self.arch.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.sampler = Sampler()
+        self.device = device
+        self._requests: dict[str, _RequestState] = {}
+        self._seq_ids = itertools.count()
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse what cannot be served, before it is queued. Thread-safe: reads only config."""
+        n = len(prompt_token_ids)
+        vocab = self.arch.vocab_size
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, but the model's context length is "
+                             f"{self.max_model_len} (and at least one token must be generated)")
+        if n >= self.pool_tokens:
+            raise ValueError(f"the prompt has {n} tokens, but the whole KV cache holds "
+                             f"{self.pool_tokens} tokens")
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.n > self.config.scheduler.max_n:
+            raise ValueError(f"n must be in [1, {self.config.scheduler.max_n}], got {params.n}")
+        for name, ids in (("logit_bias", params.logit_bias or {}),
+                          ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= int(t) < vocab for t in ids):
+                raise ValueError(f"{name} token ids must be in [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        self.validate(prompt_token_ids, params)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        now = time.monotonic()
+        seqs, detoks = [], []
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids),
+                           len(prompt_token_ids), params, now)
+            if params.seed is not None:
+                seq.generator = torch.Generator(self.device).manual_seed(params.seed + i)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
+                                                 params.skip_special_tokens))
+        self._requests[request_id] = _RequestState(seqs, detoks, pending=seqs[1:])
+        self.scheduler.add(seqs[0])
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return None
+        outs = []
+        for seq in state.seqs:
+            if seq.finish_reason is None:
+                if seq not in state.pending:
+                    self.scheduler.finish(seq, "abort")
+                seq.finish_reason = "abort"
+                outs.append(CompletionOutput(seq.index, "", [], None, "abort"))
+        return self._request_output(request_id, state, outs, finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        logits = self.runner.forward(self.runner.prepare(out.scheduled))
+        md = SamplingMetadata.build(sampling, self.arch.vocab_size, self.eos_token_ids, self.device)
+        result = self.sampler(logits, md)
+        self.scheduler.update(out)
+        per_request: dict[str, list[CompletionOutput]] = {}
+        for i, seq in enumerate(sampling):
+            lp = result.logprobs[i] if result.logprobs is not None else None
+            per_request.setdefault(seq.request_id, []).append(
+                self._append_token(seq, result.token_ids[i], lp))
+        return [self._finish_step(rid, outs) for rid, outs in per_request.items()]
+
+    def _append_token(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> CompletionOutput:
+        p = seq.params
+        seq.token_ids.append(token)
+        state = self._requests[seq.request_id]
+        if seq.index == 0 and state.pending:
+            for sibling in state.pending:  # seq 0's prompt blocks are cached now: share them
+                self.scheduler.add(sibling)
+            state.pending = []
+        stop_str = state.detokenizers[seq.index].add(token)
+        reason, stop_reason = None, None
+        can_stop = seq.num_output_tokens >= p.min_tokens
+        if can_stop and stop_str is not None:
+            reason, stop_reason = "stop", stop_str
+        elif can_stop and token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif can_stop and not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            reason = "length"
+        elif seq.num_tokens >= self.max_seq_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            seq.stop_reason = stop_reason
+        if lp is not None and p.logprobs is not None:
+            lp = TokenLogprobs(lp.chosen, lp.top[:p.logprobs])
+        text = state.detokenizers[seq.index].delta(final=reason is not None)
+        return CompletionOutput(seq.index, text, [token], [lp] if p.logprobs is not None else None,
+                                reason, stop_reason)
+
+    def _finish_step(self, request_id: str, outs: list[CompletionOutput]) -> RequestOutput:
+        state = self._requests[request_id]
+        done = not state.pending and all(s.finish_reason is not None for s in state.seqs)
+        if done:
+            del self._requests[request_id]
+        return self._request_output(request_id, state, outs, done)
+
+    @staticmethod
+    def _request_output(request_id: str, state: _RequestState, outs: list[CompletionOutput],
+                        finished: bool) -> RequestOutput:
+        first = state.seqs[0]
+        return RequestOutput(request_id, outs, first.num_prompt_tokens, first.num_cached_tokens,
+                             sum(s.num_output_tokens for s in state.seqs), finished)
+
+    def stats(self) -> dict[str, float]:
+        s, bm = self.scheduler, self.block_manager
+        return {
+            "num_running": len(s.running), "num_waiting": len(s.waiting),
+            "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+            "prefix_queried_tokens": s.prefix_queried_tokens, "prefix_hit_tokens": s.prefix_hit_tokens,
+            "num_preemptions": s.num_preemptions,
+        }
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped; the request cannot finish."""
+
+
+class AsyncEngine:
+    """Owns an LLMEngine and one thread that steps it. Callers talk to it through a thread-safe inbox
+    and get their outputs on per-request asyncio queues, so nobody ever blocks the loop."""
+
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        return self.engine.tokenizer
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       sampling_params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Streams the request's outputs, one per step. Closing the iterator early aborts it."""
+        self.check_health()
+        self.engine.validate(prompt_token_ids, sampling_params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", (request_id, list(prompt_token_ids), sampling_params)))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def check_health(self) -> None:
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine loop is dead: {self._error!r}")
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=10)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        block = not self.engine.has_unfinished()
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                request_id, prompt, params = payload
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except ValueError as e:
+                    self._deliver(request_id, e)
+            elif kind == "abort":
+                self.engine.abort_request(payload)
+            elif kind == "stop":
+                self._stopped = True
+                return
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as e:  # noqa: BLE001 - any fault fails every request, never hangs
+            logger.exception("engine loop failed")
+            self._error = e
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(f"engine failure: {e!r}"))

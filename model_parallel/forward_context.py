@@ -1,0 +1,52 @@
+"""Per-step attention metadata, bound for the length of one forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+
+class PrefillChunk(NamedTuple):
+    """One sequence's chunk of new tokens, placed after the decode tokens in the flat batch."""
+
+    start: int  # offset of its first new token in the flat batch
+    num_tokens: int
+    context_len: int  # tokens it attends to, its new ones included
+    block_table: torch.Tensor  # [num_blocks] block ids, only read when it has earlier context
+    mask: torch.Tensor | None  # [num_tokens, context_len] causal mask with offset, or None for a fresh prompt
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat KV slot each new token is written to
+    num_decode_tokens: int = 0  # the batch opens with this many single-token decodes
+    decode_block_tables: torch.Tensor | None = None  # [B_d, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, max_blocks * block_size], True = attend
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+class ForwardContext:
+    """Holds the metadata of the pass in flight; the model's attention layers read it."""
+
+    def __init__(self) -> None:
+        self._metadata: AttentionMetadata | None = None
+
+    @property
+    def metadata(self) -> AttentionMetadata:
+        if self._metadata is None:
+            raise RuntimeError("attention called outside a forward context")
+        return self._metadata
+
+    @contextmanager
+    def bind(self, metadata: AttentionMetadata) -> Iterator[None]:
+        if self._metadata is not None:
+            raise RuntimeError("forward contexts do not nest")
+        self._metadata = metadata
+        try:
+            yield
+        finally:
+            self._metadata = None

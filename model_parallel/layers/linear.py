@@ -1,0 +1,114 @@
+"""Megatron-style tensor-parallel linear layers. Each knows its rank's slice at construction and
+carries a `weight_loader` that cuts that slice out of a full checkpoint tensor.
+
+ColumnParallelLinear (output split):     RowParallelLinear (input split, all-reduce after):
+        X                                   [X_0 | X_1]   (already split by the column layer)
+        |                                     |     |
+   [W_0 | W_1] -> [Y_0 | Y_1]               W_0   W_1  -> Y_0 + Y_1 = Y
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_parallel.distributed import TPGroup
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        param.data.copy_(loaded)
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
+        super().__init__(in_features, tp.shard(out_features, "output features"), bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        size = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.tp.rank * size, size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column layers of equal input fused into one matmul (gate_proj and up_proj)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPGroup):
+        self.out_sizes = [tp.shard(s, "output features") for s in out_sizes]
+        super().__init__(in_features, sum(out_sizes), bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        assert isinstance(shard_id, int)
+        size = self.out_sizes[shard_id]
+        offset = sum(self.out_sizes[:shard_id])
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused, split by heads. When there are fewer KV heads than ranks, each
+    KV head is replicated so that every rank holds the one its query heads read."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 tp: TPGroup):
+        self.head_dim = head_dim
+        self.num_heads = tp.shard(num_heads, "num_attention_heads")
+        if num_kv_heads >= tp.size:
+            self.num_kv_heads = tp.shard(num_kv_heads, "num_key_value_heads")
+        elif tp.size % num_kv_heads:
+            raise ValueError(f"tensor_parallel_size {tp.size} is neither a divisor nor a multiple of "
+                             f"num_key_value_heads ({num_kv_heads})")
+        else:
+            self.num_kv_heads = 1
+        self.kv_replicas = max(1, tp.size // num_kv_heads)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
+        super().__init__(hidden, out, bias, tp)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        if shard_id == "q":
+            offset, size, rank = 0, self.q_size, self.tp.rank
+        else:
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            size, rank = self.kv_size, self.tp.rank // self.kv_replicas
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
+        super().__init__(tp.shard(in_features, "input features"), out_features, bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        if param.dim() == 2:
+            size = param.shape[1]
+            loaded = loaded.narrow(1, self.tp.rank * size, size)
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: the bias is added once, after the reduction, not on every rank.
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
