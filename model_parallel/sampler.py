@@ -100,6 +100,7 @@ class SamplerOutput(NamedTuple):
 
 
 class Sampler:
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits: [B, V] -> one token id per row."""
         logits = logits.float()
