@@ -45,7 +45,7 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         self.config = config
-        path = resolve_model_path(config.model.model, config.model.cache_dir)
+        self.model_path = path = resolve_model_path(config.model.model, config.model.cache_dir)
         self.arch = LlamaArchConfig.from_checkpoint(path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         device = config.parallel.torch_device()

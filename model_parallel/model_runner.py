@@ -45,6 +45,9 @@ class ModelRunner:
                 torch.set_default_dtype(prev)
         load_weights(self.model, Path(path))
         self.model.eval()
+        for module in self.model.modules():
+            if hasattr(module, "pack"):
+                module.pack()
         self.num_blocks = self._num_blocks(config)
         attn0 = self.model.layers[0].self_attn
         # NOTE: one KV tensor per rank: [2, layers, blocks, block_size, kv_heads_per_rank, head_dim]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_parallel.distributed import TPGroup
+from model_parallel.layers.linear import linear, pack_weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -38,7 +39,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Each rank scores its vocabulary slice; the slices are gathered for the sampler."""
 
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        self.packed = pack_weight(self.weight)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [T, V / tp]
+        logits = linear(hidden, self.weight, self.packed)  # [T, V / tp]
         logits = self.tp.all_gather(logits, dim=-1)  # [T, V padded]
         return logits[:, :self.vocab_size]

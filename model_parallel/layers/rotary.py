@@ -35,14 +35,16 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: llama3, linear")
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # Computed in fp32, stored in the model dtype: what HF Llama does on every call.
+        dtype = torch.get_default_dtype()
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]."""
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [T, 1, head_dim]
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        cos = self.cos.index_select(0, positions).unsqueeze(1)  # [T, 1, head_dim]
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
