@@ -14,16 +14,37 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model_parallel.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from model_parallel.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from model_parallel.engine import LLMEngine
 from model_parallel.loader import DEFAULT_MODEL
 from model_parallel.request import SamplingParams
 
-TOPICS = ["the ocean", "a city at night", "learning to cook", "the history of bridges", "a robot",
-          "winter mornings", "chess openings", "a lighthouse keeper"]
-ASKS = ["Write a short story about {}.", "Describe {} in detail.", "Write a poem about {}.",
-        "Explain {} to a child.", "List facts about {}.", "Give advice related to {}.",
-        "Write a dialogue about {}.", "Summarize what people love about {}."]
+TOPICS = [
+    "the ocean",
+    "a city at night",
+    "learning to cook",
+    "the history of bridges",
+    "a robot",
+    "winter mornings",
+    "chess openings",
+    "a lighthouse keeper",
+]
+ASKS = [
+    "Write a short story about {}.",
+    "Describe {} in detail.",
+    "Write a poem about {}.",
+    "Explain {} to a child.",
+    "List facts about {}.",
+    "Give advice related to {}.",
+    "Write a dialogue about {}.",
+    "Summarize what people love about {}.",
+]
 
 
 @dataclass
@@ -38,14 +59,21 @@ class Result:
     tpot_ms_p50: float | None = None
 
 
-def chat_prompts(tokenizer, n: int) -> list[list[int]]:  # noqa: ANN001
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
     texts = [ASKS[i % 8].format(TOPICS[(i // 8) % 8]) for i in range(n)]
-    return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                               add_generation_prompt=True, tokenize=True)["input_ids"])
-            for t in texts]
+    return [
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True
+            )["input_ids"]
+        )
+        for t in texts
+    ]
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> Result:
+def run_engine(
+    engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_tokens: int
+) -> Result:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     queue = list(enumerate(prompts))
     start_t: dict[str, float] = {}
@@ -69,19 +97,32 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], concurrency: int, ma
     ttft = [first_t[r] - start_t[r] for r in start_t]
     tpot = [(end_t[r] - first_t[r]) / (max_tokens - 1) for r in start_t]
     total = len(prompts) * max_tokens
-    return Result("llmcluster", concurrency, len(prompts), total, seconds, total / seconds,
-                  1e3 * statistics.median(ttft), 1e3 * statistics.median(tpot))
+    return Result(
+        "llmcluster",
+        concurrency,
+        len(prompts),
+        total,
+        seconds,
+        total / seconds,
+        1e3 * statistics.median(ttft),
+        1e3 * statistics.median(tpot),
+    )
 
 
-def run_hf(model, tokenizer, prompts: list[list[int]], batch: int, max_tokens: int) -> Result:  # noqa: ANN001
+def run_hf(model, tokenizer, prompts: list[list[int]], batch: int, max_tokens: int) -> Result:
     tokenizer.padding_side = "left"
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
+        chunk = prompts[i : i + batch]
         enc = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
         with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                           do_sample=False, pad_token_id=tokenizer.pad_token_id or 2)
+            model.generate(
+                **enc,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or 2,
+            )
     seconds = time.perf_counter() - t0
     total = len(prompts) * max_tokens
     return Result("hf-generate", batch, len(prompts), total, seconds, total / seconds)
@@ -94,14 +135,19 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens)
+    ap.add_argument(
+        "--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens
+    )
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    config = EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype), cache=CacheConfig(),
-                          scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens),
-                          parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size))
+    config = EngineConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype),
+        cache=CacheConfig(),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
+    )
     engine = LLMEngine(config)
     prompts = chat_prompts(engine.tokenizer, args.num_prompts)
     run_engine(engine, prompts[:4], 4, 8)  # warm-up
@@ -109,9 +155,14 @@ def main() -> None:
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(str(engine.model_path), dtype=engine.runner.dtype).eval()
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(engine.model_path), dtype=engine.runner.dtype
+        ).eval()
     results = []
-    print(f"{'system':<12} {'conc':>4} {'tok/s':>8} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'vs HF':>6}")
+    print(
+        f"{'system':<12} {'conc':>4} {'tok/s':>8} "
+        f"{'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'vs HF':>6}"
+    )
     for c in args.concurrency:
         ours = run_engine(engine, prompts, c, args.max_tokens)
         row = [asdict(ours)]
@@ -121,8 +172,11 @@ def main() -> None:
             row.append(asdict(ref))
             ratio = f"{ours.tokens_per_s / ref.tokens_per_s:5.2f}x"
             print(f"{ref.system:<12} {c:>4} {ref.tokens_per_s:>8.1f}")
-        print(f"{ours.system:<12} {c:>4} {ours.tokens_per_s:>8.1f} {ours.ttft_ms_p50:>12.1f} "
-              f"{ours.tpot_ms_p50:>12.1f} {ratio:>6}", flush=True)
+        print(
+            f"{ours.system:<12} {c:>4} {ours.tokens_per_s:>8.1f} {ours.ttft_ms_p50:>12.1f} "
+            f"{ours.tpot_ms_p50:>12.1f} {ratio:>6}",
+            flush=True,
+        )
         results.extend(row)
     if args.json:
         with open(args.json, "w") as f:

@@ -48,11 +48,11 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(hashes), num_full_blocks):
             parent = hashes[-1] if hashes else None
-            hashes.append(chain_hash(parent, seq.token_ids[i * bs:(i + 1) * bs]))
+            hashes.append(chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
-        """Cached blocks that cover a prefix of the sequence. The last token is always left to compute,
+        """Cached blocks covering a prefix of the sequence. The last token is always computed,
         since its logits are what the step needs."""
         if not self.enable_prefix_caching:
             return []
@@ -64,10 +64,11 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
-                       computed_blocks: list[int] | tuple[int, ...] = ()) -> bool:
-        """Grow the block table to hold `num_new_tokens` more tokens; False (and no change) if the pool
-        cannot. `computed_blocks` (from get_computed_blocks) are shared in front of a new sequence."""
+    def allocate_slots(
+        self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | tuple[int, ...] = ()
+    ) -> bool:
+        """Grow the block table by `num_new_tokens`; False (and no change) if the pool cannot.
+        `computed_blocks` (from get_computed_blocks) are shared in front of a new sequence."""
         bs = self.block_size
         total = seq.num_computed_tokens + len(computed_blocks) * bs + num_new_tokens
         needed = -(-total // bs) - len(seq.block_table) - len(computed_blocks)
@@ -95,7 +96,7 @@ class BlockManager:
         return block_id
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Name the sequence's blocks that are now full of computed tokens so others can share them."""
+        """Name the blocks now full of computed tokens so that others can share them."""
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
@@ -106,7 +107,7 @@ class BlockManager:
                 self.cached[h] = block.block_id
 
     def free(self, seq: Sequence) -> None:
-        """Drop the sequence's references. Tail blocks are queued first so they are evicted before the
+        """Drop the sequence's references. Tail blocks are queued first, to be evicted before the
         shared heads of the chain; blocks nobody can find again are queued in front of all."""
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]

@@ -1,4 +1,4 @@
-"""Engine configuration: plain dataclasses built once (CLI or Serve YAML) and handed to the parts."""
+"""Engine configuration: dataclasses built once (CLI or Serve YAML) and handed to the parts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 everywhere we run: bf16 matmul is ~4x fp32 on our AVX512-BF16 CPUs and native on GPUs."""
+    """`auto` is bf16 everywhere: ~4x fp32 matmul speed on our AVX512-BF16 CPUs, native on GPUs."""
     if name == "auto":
         return torch.bfloat16
     if name not in _DTYPES:
@@ -24,7 +24,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 @dataclass(frozen=True, slots=True)
 class LlamaArchConfig:
-    """The architecture fields of a Llama-family config.json (Llama 2/3, SmolLM2, Qwen2, Mistral)."""
+    """The architecture fields of a Llama-family config.json (Llama, SmolLM2, Qwen2, Mistral)."""
 
     vocab_size: int
     hidden_size: int
@@ -73,7 +73,9 @@ class LlamaArchConfig:
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
         supported = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
         if arch not in supported:
-            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(supported)}")
+            raise ValueError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(supported)}"
+            )
         return cls.from_dict(cfg)
 
 

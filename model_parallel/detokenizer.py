@@ -1,4 +1,4 @@
-"""Incremental detokenization to valid UTF-8 deltas, and stop strings that never leak into a delta."""
+"""Incremental detokenization to valid UTF-8 deltas; stop strings that never leak into one."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ class IncrementalDetokenizer:
     character split across tokens is held back until whole.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: list[str],
-                 skip_special_tokens: bool):
+    def __init__(
+        self, tokenizer: Any, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool
+    ):
         self.tokenizer = tokenizer
         self.skip_special = skip_special_tokens
         self.stop = stop
@@ -33,10 +34,10 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str | None:
         """Appends a token; returns the stop string it completed, if any."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix):]
+            new = full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             start = max(0, len(self.text) - self.hold)
             self.text += new
@@ -50,6 +51,6 @@ class IncrementalDetokenizer:
     def delta(self, final: bool) -> str:
         """New text safe to show: all of it once the sequence is done."""
         end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
-        out = self.text[self.emitted:end]
+        out = self.text[self.emitted : end]
         self.emitted = end
         return out

@@ -1,4 +1,4 @@
-"""The one seam for tensor-parallel collectives. Every call returns at once when the group has one rank."""
+"""The one seam for tensor-parallel collectives. Each returns at once for a group of one rank."""
 
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ class TPGroup:
         return x
 
     def shard(self, total: int, name: str) -> int:
-        """This rank's share of `total` units (heads, rows); a clear error when they do not divide."""
+        """This rank's share of `total` units (heads, rows); a clear error if they do not divide."""
         if total % self.size:
             valid = [d for d in range(1, total + 1) if total % d == 0]
-            raise ValueError(f"{name} ({total}) is not divisible by tensor_parallel_size {self.size}; "
-                             f"valid sizes: {valid}")
+            raise ValueError(
+                f"{name} ({total}) is not divisible by tensor_parallel_size {self.size}; "
+                f"valid sizes: {valid}"
+            )
         return total // self.size

@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 class _RequestState:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
-    pending: list[Sequence] = field(default_factory=list)  # n > 1 siblings, admitted after seq 0's prefill
+    pending: list[Sequence] = field(
+        default_factory=list
+    )  # n > 1 siblings, admitted after seq 0's prefill
 
 
 class LLMEngine:
@@ -52,11 +54,13 @@ class LLMEngine:
         dtype = resolve_dtype(config.model.dtype, device)
         limit = self.arch.max_position_embeddings
         self.max_model_len = min(config.model.max_model_len or limit, limit)
-        self.runner = ModelRunner(config, self.arch, str(path), self.max_model_len, dtype, device,
-                                  TPGroup())
+        self.runner = ModelRunner(
+            config, self.arch, str(path), self.max_model_len, dtype, device, TPGroup()
+        )
         bs = config.cache.block_size
-        self.block_manager = BlockManager(self.runner.num_blocks, bs,
-                                          config.cache.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, bs, config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.pool_tokens = self.runner.num_blocks * bs
         self.max_seq_len = min(self.max_model_len, self.pool_tokens)
@@ -76,35 +80,51 @@ class LLMEngine:
         if n == 0:
             raise ValueError("the prompt is empty")
         if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens, but the model's context length is "
-                             f"{self.max_model_len} (and at least one token must be generated)")
+            raise ValueError(
+                f"the prompt has {n} tokens, but the model's context length is "
+                f"{self.max_model_len} (and at least one token must be generated)"
+            )
         if n >= self.pool_tokens:
-            raise ValueError(f"the prompt has {n} tokens, but the whole KV cache holds "
-                             f"{self.pool_tokens} tokens")
+            raise ValueError(
+                f"the prompt has {n} tokens, but the whole KV cache holds {self.pool_tokens} tokens"
+            )
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if params.n > self.config.scheduler.max_n:
             raise ValueError(f"n must be in [1, {self.config.scheduler.max_n}], got {params.n}")
-        for name, ids in (("logit_bias", params.logit_bias or {}),
-                          ("stop_token_ids", params.stop_token_ids)):
+        for name, ids in (
+            ("logit_bias", params.logit_bias or {}),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
             if any(not 0 <= int(t) < vocab for t in ids):
                 raise ValueError(f"{name} token ids must be in [0, {vocab})")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
         self.validate(prompt_token_ids, params)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
         now = time.monotonic()
         seqs, detoks = [], []
         for i in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids),
-                           len(prompt_token_ids), params, now)
+            seq = Sequence(
+                next(self._seq_ids),
+                request_id,
+                i,
+                list(prompt_token_ids),
+                len(prompt_token_ids),
+                params,
+                now,
+            )
             if params.seed is not None:
                 seq.generator = torch.Generator(self.device).manual_seed(params.seed + i)
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
-                                                 params.skip_special_tokens))
+            detoks.append(
+                IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens
+                )
+            )
         self._requests[request_id] = _RequestState(seqs, detoks, pending=seqs[1:])
         self.scheduler.add(seqs[0])
 
@@ -137,10 +157,13 @@ class LLMEngine:
         for i, seq in enumerate(sampling):
             lp = result.logprobs[i] if result.logprobs is not None else None
             per_request.setdefault(seq.request_id, []).append(
-                self._append_token(seq, result.token_ids[i], lp))
+                self._append_token(seq, result.token_ids[i], lp)
+            )
         return [self._finish_step(rid, outs) for rid, outs in per_request.items()]
 
-    def _append_token(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> CompletionOutput:
+    def _append_token(
+        self, seq: Sequence, token: int, lp: TokenLogprobs | None
+    ) -> CompletionOutput:
         p = seq.params
         seq.token_ids.append(token)
         state = self._requests[seq.request_id]
@@ -165,10 +188,11 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             seq.stop_reason = stop_reason
         if lp is not None and p.logprobs is not None:
-            lp = TokenLogprobs(lp.chosen, lp.top[:p.logprobs])
+            lp = TokenLogprobs(lp.chosen, lp.top[: p.logprobs])
         text = state.detokenizers[seq.index].delta(final=reason is not None)
-        return CompletionOutput(seq.index, text, [token], [lp] if p.logprobs is not None else None,
-                                reason, stop_reason)
+        return CompletionOutput(
+            seq.index, text, [token], [lp] if p.logprobs is not None else None, reason, stop_reason
+        )
 
     def _finish_step(self, request_id: str, outs: list[CompletionOutput]) -> RequestOutput:
         state = self._requests[request_id]
@@ -178,18 +202,28 @@ class LLMEngine:
         return self._request_output(request_id, state, outs, done)
 
     @staticmethod
-    def _request_output(request_id: str, state: _RequestState, outs: list[CompletionOutput],
-                        finished: bool) -> RequestOutput:
+    def _request_output(
+        request_id: str, state: _RequestState, outs: list[CompletionOutput], finished: bool
+    ) -> RequestOutput:
         first = state.seqs[0]
-        return RequestOutput(request_id, outs, first.num_prompt_tokens, first.num_cached_tokens,
-                             sum(s.num_output_tokens for s in state.seqs), finished)
+        return RequestOutput(
+            request_id,
+            outs,
+            first.num_prompt_tokens,
+            first.num_cached_tokens,
+            sum(s.num_output_tokens for s in state.seqs),
+            finished,
+        )
 
     def stats(self) -> dict[str, float]:
         s, bm = self.scheduler, self.block_manager
         return {
-            "num_running": len(s.running), "num_waiting": len(s.waiting),
-            "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
-            "prefix_queried_tokens": s.prefix_queried_tokens, "prefix_hit_tokens": s.prefix_hit_tokens,
+            "num_running": len(s.running),
+            "num_waiting": len(s.waiting),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+            "prefix_queried_tokens": s.prefix_queried_tokens,
+            "prefix_hit_tokens": s.prefix_hit_tokens,
             "num_preemptions": s.num_preemptions,
         }
 
@@ -199,7 +233,8 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    """Owns an LLMEngine and one thread that steps it. Callers talk to it through a thread-safe inbox
+    """Owns an LLMEngine and one thread that steps it. Callers talk to it through a thread-safe
+    inbox
     and get their outputs on per-request asyncio queues, so nobody ever blocks the loop."""
 
     def __init__(self, config: EngineConfig):
@@ -212,11 +247,12 @@ class AsyncEngine:
         self._thread.start()
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+    def tokenizer(self):
         return self.engine.tokenizer
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       sampling_params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs, one per step. Closing the iterator early aborts it."""
         self.check_health()
         self.engine.validate(prompt_token_ids, sampling_params)
@@ -280,7 +316,7 @@ class AsyncEngine:
                 self._drain_inbox()
                 for out in self.engine.step():
                     self._deliver(out.request_id, out)
-        except BaseException as e:  # noqa: BLE001 - any fault fails every request, never hangs
+        except BaseException as e:
             logger.exception("engine loop failed")
             self._error = e
             for request_id in list(self._streams):

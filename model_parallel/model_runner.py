@@ -1,4 +1,4 @@
-"""One rank's model shard and KV-cache shard: a scheduled batch -> flat tensors -> forward -> logits.
+"""One rank's model and KV-cache shards: scheduled batch -> flat tensors -> forward -> logits.
 
 The flat batch puts single-token decodes first (attended in one batched call) and prefill chunks
 after them; only rows that reach their last known token are turned into logits.
@@ -7,12 +7,17 @@ after them; only rows that reach their last known token are turned into logits.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from model_parallel.config import EngineConfig, LlamaArchConfig, blocks_for_budget, kv_bytes_per_token
+from model_parallel.config import (
+    EngineConfig,
+    LlamaArchConfig,
+    blocks_for_budget,
+    kv_bytes_per_token,
+)
 from model_parallel.distributed import TPGroup
 from model_parallel.forward_context import AttentionMetadata, ForwardContext, PrefillChunk
 from model_parallel.loader import load_weights
@@ -31,8 +36,16 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, arch: LlamaArchConfig, path: str, max_model_len: int,
-                 dtype: torch.dtype, device: torch.device, tp: TPGroup):
+    def __init__(
+        self,
+        config: EngineConfig,
+        arch: LlamaArchConfig,
+        path: str,
+        max_model_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TPGroup,
+    ):
         self.arch, self.dtype, self.device, self.tp = arch, dtype, device, tp
         self.block_size = config.cache.block_size
         self.ctx = ForwardContext()
@@ -51,13 +64,26 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(config)
         attn0 = self.model.layers[0].self_attn
         # NOTE: one KV tensor per rank: [2, layers, blocks, block_size, kv_heads_per_rank, head_dim]
-        self.kv_cache = torch.zeros(2, arch.num_layers, self.num_blocks, self.block_size,
-                                    attn0.num_kv_heads, arch.head_dim, dtype=dtype, device=device)
+        self.kv_cache = torch.zeros(
+            2,
+            arch.num_layers,
+            self.num_blocks,
+            self.block_size,
+            attn0.num_kv_heads,
+            arch.head_dim,
+            dtype=dtype,
+            device=device,
+        )
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.attn.v_cache = self.kv_cache[1, i]
-        logger.info("rank %d: KV cache of %d blocks x %d tokens = %d tokens", tp.rank,
-                    self.num_blocks, self.block_size, self.num_blocks * self.block_size)
+        logger.info(
+            "rank %d: KV cache of %d blocks x %d tokens = %d tokens",
+            tp.rank,
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
+        )
 
     def _num_blocks(self, config: EngineConfig) -> int:
         cache = config.cache
@@ -71,7 +97,9 @@ class ModelRunner:
         else:
             budget = (cache.kv_cache_memory_gib or 2.0) * 2**30
         if budget <= 0:
-            raise RuntimeError("no memory left for the KV cache; lower the model size or raise the budget")
+            raise RuntimeError(
+                "no memory left for the KV cache; lower the model size or raise the budget"
+            )
         return blocks_for_budget(budget, self.block_size, per_token)
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
@@ -89,27 +117,33 @@ class ModelRunner:
         for s in prefills:
             seq, n, start = s.seq, s.num_new_tokens, len(ids)
             c = seq.num_computed_tokens
-            ids.extend(seq.token_ids[c:c + n])
+            ids.extend(seq.token_ids[c : c + n])
             pos.extend(range(c, c + n))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(c, c + n))
             mask = None
             if c:
                 q_pos = torch.arange(c, c + n, device=self.device)
                 mask = torch.arange(c + n, device=self.device)[None, :] <= q_pos[:, None]
-            table = torch.tensor(seq.block_table[:-(-(c + n) // bs)], device=self.device)
+            table = torch.tensor(seq.block_table[: -(-(c + n) // bs)], device=self.device)
             md.prefills.append(PrefillChunk(start, n, c + n, table, mask))
             if s.samples:
                 sample_rows.append(start + n - 1)
         md.slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
-        return StepInputs(torch.tensor(ids, device=self.device),
-                          torch.tensor(pos, device=self.device), md,
-                          torch.tensor(sample_rows, dtype=torch.long, device=self.device))
+        return StepInputs(
+            torch.tensor(ids, device=self.device),
+            torch.tensor(pos, device=self.device),
+            md,
+            torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+        )
 
-    def _decode_tables(self, decodes: list[ScheduledSequence], pos: list[int]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_tables(
+        self, decodes: list[ScheduledSequence], pos: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(p // self.block_size for p in pos) + 1
-        tables = [s.seq.block_table[:width] + [0] * (width - min(width, len(s.seq.block_table)))
-                  for s in decodes]
+        tables = [
+            s.seq.block_table[:width] + [0] * (width - min(width, len(s.seq.block_table)))
+            for s in decodes
+        ]
         block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
         span = torch.arange(width * self.block_size, device=self.device)
         mask = span[None, :] <= torch.tensor(pos, device=self.device)[:, None]  # [B, L]

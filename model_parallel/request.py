@@ -1,4 +1,4 @@
-"""What a request asks for (SamplingParams), how each of its sequences stands, and what it gets back."""
+"""What a request asks for (SamplingParams), how its sequences stand, and what it gets back."""
 
 from __future__ import annotations
 
@@ -46,21 +46,46 @@ class SamplingParams:
         _check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
         _check(self.top_k >= 0, "top_k", "-1, 0 (off) or a positive count", self.top_k)
         _check(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]",
-               self.presence_penalty)
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]",
-               self.frequency_penalty)
-        _check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "in (0, 2]",
-               self.repetition_penalty)
-        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", ">= 1",
-               self.max_tokens)
+        _check(
+            -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty",
+            "in [-2, 2]",
+            self.presence_penalty,
+        )
+        _check(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            "in [-2, 2]",
+            self.frequency_penalty,
+        )
+        _check(
+            0.0 < self.repetition_penalty <= 2.0,
+            "repetition_penalty",
+            "in (0, 2]",
+            self.repetition_penalty,
+        )
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1, "max_tokens", ">= 1", self.max_tokens
+        )
         _check(self.min_tokens >= 0, "min_tokens", ">= 0", self.min_tokens)
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-               "<= max_tokens", self.min_tokens)
-        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
-               f"in [0, {MAX_LOGPROBS}]", self.logprobs)
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
-               "a list of non-empty strings", self.stop)
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            "<= max_tokens",
+            self.min_tokens,
+        )
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            f"in [0, {MAX_LOGPROBS}]",
+            self.logprobs,
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            "a list of non-empty strings",
+            self.stop,
+        )
         for token, bias in (self.logit_bias or {}).items():
             _check(-100.0 <= bias <= 100.0, f"logit_bias[{token}]", "in [-100, 100]", bias)
 
@@ -70,7 +95,9 @@ class SamplingParams:
 
     @property
     def needs_penalties(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
 
 
 class SequenceStatus(enum.Enum):
@@ -93,7 +120,7 @@ class TokenLogprobs(NamedTuple):
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One sampled completion: the unit the scheduler batches. A request with n > 1 owns n of them."""
+    """One sampled completion: the unit the scheduler batches. A request owns n of them."""
 
     seq_id: int
     request_id: str
@@ -120,7 +147,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def is_prefilling(self) -> bool:

@@ -1,5 +1,6 @@
 """Logits processors and sampling for the whole batch in one pass, with no host sync until the
-chosen ids come back. Order as vLLM: bias and min_tokens, penalties, temperature, min_p/top_k/top_p."""
+chosen ids come back. Order as vLLM: bias and min_tokens, penalties, temperature,
+min_p/top_k/top_p."""
 
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ class SamplingMetadata:
     max_logprobs: int | None  # the widest top_logprobs any row wants; None when no row wants any
 
     @classmethod
-    def build(cls, seqs: list[Sequence], vocab_size: int, eos_token_ids: tuple[int, ...],
-              device: torch.device) -> SamplingMetadata:
+    def build(
+        cls,
+        seqs: list[Sequence],
+        vocab_size: int,
+        eos_token_ids: tuple[int, ...],
+        device: torch.device,
+    ) -> SamplingMetadata:
         ps = [s.params for s in seqs]
         greedy = [p.greedy for p in ps]
 
@@ -47,19 +53,24 @@ class SamplingMetadata:
             greedy=torch.tensor(greedy, device=device),
             all_greedy=all(greedy),
             top_p=col([p.top_p for p in ps]) if any(p.top_p < 1.0 for p in ps) else None,
-            top_k=(torch.tensor([p.top_k or vocab_size for p in ps], device=device)
-                   if any(p.top_k for p in ps) else None),
+            top_k=(
+                torch.tensor([p.top_k or vocab_size for p in ps], device=device)
+                if any(p.top_k for p in ps)
+                else None
+            ),
             min_p=col([p.min_p for p in ps]) if any(p.min_p for p in ps) else None,
             additive=_additive(seqs, eos_token_ids, device),
-            penalties=_penalties(seqs, vocab_size, device) if any(p.needs_penalties for p in ps)
+            penalties=_penalties(seqs, vocab_size, device)
+            if any(p.needs_penalties for p in ps)
             else None,
             generators={i: s.generator for i, s in enumerate(seqs) if s.generator is not None},
             max_logprobs=max(wants_lp) if wants_lp else None,
         )
 
 
-def _additive(seqs: list[Sequence], eos_token_ids: tuple[int, ...], device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _additive(
+    seqs: list[Sequence], eos_token_ids: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """logit_bias entries, and -inf on EOS/stop ids while a row is still under min_tokens."""
     rows: list[int] = []
     cols: list[int] = []
@@ -74,8 +85,11 @@ def _additive(seqs: list[Sequence], eos_token_ids: tuple[int, ...], device: torc
             vals.extend([float("-inf")] * len(banned))
     if not rows:
         return None
-    return (torch.tensor(rows, device=device), torch.tensor(cols, device=device),
-            torch.tensor(vals, dtype=torch.float32, device=device))
+    return (
+        torch.tensor(rows, device=device),
+        torch.tensor(cols, device=device),
+        torch.tensor(vals, dtype=torch.float32, device=device),
+    )
 
 
 def _penalties(seqs: list[Sequence], vocab: int, device: torch.device) -> Penalties:
@@ -90,8 +104,13 @@ def _penalties(seqs: list[Sequence], vocab: int, device: torch.device) -> Penalt
     def col(attr: str) -> torch.Tensor:
         return torch.tensor([getattr(s.params, attr) for s in seqs], device=device).unsqueeze(1)
 
-    return Penalties(col("presence_penalty"), col("frequency_penalty"), col("repetition_penalty"),
-                     counts[:, :vocab], seen[:, :vocab])
+    return Penalties(
+        col("presence_penalty"),
+        col("frequency_penalty"),
+        col("repetition_penalty"),
+        counts[:, :vocab],
+        seen[:, :vocab],
+    )
 
 
 class SamplerOutput(NamedTuple):
@@ -143,8 +162,9 @@ class Sampler:
         return (probs / race).argmax(-1)
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
-                 ) -> torch.Tensor:
+def _top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1)  # ascending
     vocab = logits.shape[-1]
     if top_k is not None:
@@ -162,5 +182,7 @@ def _gather_logprobs(lp: torch.Tensor, ids: torch.Tensor, k: int) -> list[TokenL
     chosen = lp.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
     top_vals, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], ids[:, None][:, :0])
     rows = zip(ids.tolist(), chosen, top_ids.tolist(), top_vals.tolist())
-    return [TokenLogprobs(Logprob(t, c), [Logprob(i, v) for i, v in zip(ti, tv)])
-            for t, c, ti, tv in rows]
+    return [
+        TokenLogprobs(Logprob(t, c), [Logprob(i, v) for i, v in zip(ti, tv)])
+        for t, c, ti, tv in rows
+    ]

@@ -1,5 +1,5 @@
 """Continuous batching without phases: every running sequence catches its num_computed_tokens up to
-its num_tokens, and a step hands out a token budget. Decodes, chunked prefills and new arrivals share
+its num_tokens, and a step hands out a token budget. Decodes, chunked prefills and arrivals share
 a batch; when blocks run out, the newest running sequence is preempted and recomputed later."""
 
 from __future__ import annotations

@@ -30,36 +30,41 @@ def model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(model_path: Path):  # noqa: ANN201
+def tokenizer(model_path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_path))
 
 
-def chat_ids(tokenizer, text: str, system: str | None = None) -> list[int]:  # noqa: ANN001
+def chat_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": text}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                              tokenize=True)["input_ids"])
+        {"role": "user", "content": text}
+    ]
+    return list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+    )
 
 
 @pytest.fixture(scope="session")
-def prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
+def prompts(tokenizer) -> list[list[int]]:
     return [chat_ids(tokenizer, p) for p in CHAT_PROMPTS]
 
 
 @pytest.fixture(scope="session")
-def hf_model(model_path: Path):  # noqa: ANN201
+def hf_model(model_path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
 
 
-def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:  # noqa: ANN001
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     with torch.inference_mode():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=2)
-    return out[0, len(prompt):].tolist()
+        out = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="session")
@@ -69,19 +74,27 @@ def make_engine() -> Callable[..., LLMEngine]:
     def build(dtype: str = "float32", **overrides: object) -> LLMEngine:
         cache = {k: v for k, v in overrides.items() if k in CacheConfig.__dataclass_fields__}
         sched = {k: v for k, v in overrides.items() if k in SchedulerConfig.__dataclass_fields__}
-        return LLMEngine(EngineConfig(model=ModelConfig(dtype=dtype), cache=CacheConfig(**cache),
-                                      scheduler=SchedulerConfig(**sched)))
+        return LLMEngine(
+            EngineConfig(
+                model=ModelConfig(dtype=dtype),
+                cache=CacheConfig(**cache),
+                scheduler=SchedulerConfig(**sched),
+            )
+        )
 
     return build
 
 
 @pytest.fixture(scope="session")
-def engine_fp32(make_engine) -> LLMEngine:  # noqa: ANN001
+def engine_fp32(make_engine) -> LLMEngine:
     return make_engine()
 
 
-def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], object]],
-            arrivals: dict[int, list[str]] | None = None) -> dict[str, list]:
+def run_all(
+    engine: LLMEngine,
+    requests: dict[str, tuple[list[int], object]],
+    arrivals: dict[int, list[str]] | None = None,
+) -> dict[str, list]:
     """Run requests to completion; `arrivals` maps a step number to the ids that join then.
     Returns each request's outputs; asserts every KV block is back in the pool afterwards."""
     arrivals = arrivals or {0: list(requests)}

@@ -34,7 +34,9 @@ class PagedAttention(nn.Module):
             out[s] = self._prefill(q[s], k[s], v[s], chunk)
         return out
 
-    def _decode(self, q: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         b, kv_heads, d = q.shape[0], self.num_kv_heads, self.head_dim
         # One query token per sequence: its heads of one KV group become that group's query rows,
         # so grouped-query attention needs no copies of K and V.
@@ -45,16 +47,23 @@ class PagedAttention(nn.Module):
         o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask)
         return o.reshape(b, -1)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 chunk: PrefillChunk) -> torch.Tensor:
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk
+    ) -> torch.Tensor:
         n, d = chunk.num_tokens, self.head_dim
         if chunk.mask is None:  # a fresh prompt: its own keys are the whole context
             kc, vc = k.transpose(0, 1), v.transpose(0, 1)
         else:
             kc = self.k_cache.index_select(0, chunk.block_table).view(-1, self.num_kv_heads, d)
             vc = self.v_cache.index_select(0, chunk.block_table).view(-1, self.num_kv_heads, d)
-            kc, vc = kc[:chunk.context_len], vc[:chunk.context_len]
+            kc, vc = kc[: chunk.context_len], vc[: chunk.context_len]
             kc, vc = kc.transpose(0, 1), vc.transpose(0, 1)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), kc, vc, attn_mask=chunk.mask,
-                                           is_causal=chunk.mask is None, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            kc,
+            vc,
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
+            enable_gqa=True,
+        )
         return o.transpose(0, 1).reshape(n, -1)

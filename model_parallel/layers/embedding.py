@@ -21,10 +21,11 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
-        rows = loaded[self.vocab_start:self.vocab_start + self.shard_size]
-        param.data[:rows.shape[0]].copy_(rows)
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
+        rows = loaded[self.vocab_start : self.vocab_start + self.shard_size]
+        param.data[: rows.shape[0]].copy_(rows)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -47,4 +48,4 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.weight, self.packed)  # [T, V / tp]
         logits = self.tp.all_gather(logits, dim=-1)  # [T, V padded]
-        return logits[:, :self.vocab_size]
+        return logits[:, : self.vocab_size]

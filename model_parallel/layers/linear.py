@@ -17,14 +17,18 @@ from model_parallel.distributed import TPGroup
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked layout for a CPU bf16 weight (~20% faster decode matmuls); None elsewhere."""
+    """oneDNN's blocked layout of a CPU bf16 weight (~20% faster decode matmuls); else None."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     if packed is None:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -49,8 +53,9 @@ class LinearBase(nn.Module):
         """Called once the weights are loaded."""
         self.packed = pack_weight(self.weight)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
         param.data.copy_(loaded)
 
 
@@ -58,8 +63,9 @@ class ColumnParallelLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
         super().__init__(in_features, tp.shard(out_features, "output features"), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
         size = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp.rank * size, size))
 
@@ -71,8 +77,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.out_sizes = [tp.shard(s, "output features") for s in out_sizes]
         super().__init__(in_features, sum(out_sizes), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
         assert isinstance(shard_id, int)
         size = self.out_sizes[shard_id]
         offset = sum(self.out_sizes[:shard_id])
@@ -83,15 +90,18 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections fused, split by heads. When there are fewer KV heads than ranks, each
     KV head is replicated so that every rank holds the one its query heads read."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 tp: TPGroup):
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup
+    ):
         self.head_dim = head_dim
         self.num_heads = tp.shard(num_heads, "num_attention_heads")
         if num_kv_heads >= tp.size:
             self.num_kv_heads = tp.shard(num_kv_heads, "num_key_value_heads")
         elif tp.size % num_kv_heads:
-            raise ValueError(f"tensor_parallel_size {tp.size} is neither a divisor nor a multiple of "
-                             f"num_key_value_heads ({num_kv_heads})")
+            raise ValueError(
+                f"tensor_parallel_size {tp.size} is neither a divisor nor a multiple of "
+                f"num_key_value_heads ({num_kv_heads})"
+            )
         else:
             self.num_kv_heads = 1
         self.kv_replicas = max(1, tp.size // num_kv_heads)
@@ -106,8 +116,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
         if shard_id == "q":
             offset, size, rank = 0, self.q_size, self.tp.rank
         else:
@@ -120,8 +131,9 @@ class RowParallelLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
         super().__init__(tp.shard(in_features, "input features"), out_features, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
         if param.dim() == 2:
             size = param.shape[1]
             loaded = loaded.narrow(1, self.tp.rank * size, size)

@@ -1,4 +1,4 @@
-"""RMSNorm and the SwiGLU activation, written to match HuggingFace Llama's numerics (norm in fp32)."""
+"""RMSNorm and SwiGLU, written to match HuggingFace Llama's numerics (the norm in fp32)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """With `residual`, adds it first and returns (normed, new residual): the fused pre-norm step."""
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """With `residual`, adds it first and returns (normed, new residual): fused pre-norm."""
         if residual is not None:
             x = x + residual
             residual = x

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3/3.1/3.2, SmolLM2, Qwen2 with QKV bias, Mistral) from tensor-parallel layers."""
+"""The Llama family (Llama 2/3/3.x, SmolLM2, Qwen2 with QKV bias, Mistral) from TP layers."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ from model_parallel.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaArchConfig, rotary: RotaryEmbedding, tp: TPGroup,
-                 ctx: ForwardContext):
+    def __init__(
+        self, cfg: LlamaArchConfig, rotary: RotaryEmbedding, tp: TPGroup, ctx: ForwardContext
+    ):
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads,
-                                          cfg.num_kv_heads, cfg.attention_bias, tp)
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.attention_bias, tp
+        )
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, tp)
         self.rotary = rotary  # one table shared by every layer
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
@@ -44,7 +46,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaArchConfig, tp: TPGroup):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            cfg.hidden_size, [cfg.intermediate_size] * 2, False, tp)
+            cfg.hidden_size, [cfg.intermediate_size] * 2, False, tp
+        )
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,16 +55,18 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaArchConfig, rotary: RotaryEmbedding, tp: TPGroup,
-                 ctx: ForwardContext):
+    def __init__(
+        self, cfg: LlamaArchConfig, rotary: RotaryEmbedding, tp: TPGroup, ctx: ForwardContext
+    ):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, rotary, tp, ctx)
         self.mlp = LlamaMLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -87,7 +92,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary, tp, ctx) for _ in range(cfg.num_layers))
+            LlamaDecoderLayer(cfg, rotary, tp, ctx) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:

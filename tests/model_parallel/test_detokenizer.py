@@ -5,7 +5,7 @@ from __future__ import annotations
 from model_parallel.detokenizer import IncrementalDetokenizer
 
 
-def stream(tokenizer, text: str, stop: list[str]) -> tuple[list[str], str | None]:  # noqa: ANN001
+def stream(tokenizer, text: str, stop: list[str]) -> tuple[list[str], str | None]:
     ids = tokenizer.encode(text, add_special_tokens=False)
     d = IncrementalDetokenizer(tokenizer, [1, 2], stop, True)
     deltas, hit = [], None
@@ -19,7 +19,7 @@ def stream(tokenizer, text: str, stop: list[str]) -> tuple[list[str], str | None
     return deltas, hit
 
 
-def test_multibyte_characters_arrive_whole(tokenizer) -> None:  # noqa: ANN001
+def test_multibyte_characters_arrive_whole(tokenizer) -> None:
     text = "Café 🎉 naïve 日本語 done"
     deltas, _ = stream(tokenizer, text, [])
     assert "".join(deltas) == text
@@ -27,13 +27,13 @@ def test_multibyte_characters_arrive_whole(tokenizer) -> None:  # noqa: ANN001
     assert len(tokenizer.encode("🎉", add_special_tokens=False)) > 1  # the emoji spans tokens
 
 
-def test_stop_string_across_tokens_is_cut_and_never_streamed(tokenizer) -> None:  # noqa: ANN001
+def test_stop_string_across_tokens_is_cut_and_never_streamed(tokenizer) -> None:
     deltas, hit = stream(tokenizer, "Hello there, General Kenobi. More text", ["General Ken"])
     assert hit == "General Ken"
     assert "".join(deltas) == "Hello there, "
     assert not any("Gen" in d for d in deltas)
 
 
-def test_earliest_of_several_stops_wins(tokenizer) -> None:  # noqa: ANN001
+def test_earliest_of_several_stops_wins(tokenizer) -> None:
     deltas, hit = stream(tokenizer, "one two three four", ["four", "two"])
     assert hit == "two" and "".join(deltas) == "one "

@@ -19,10 +19,12 @@ def greedy(**kw: object) -> SamplingParams:
     return SamplingParams(temperature=0.0, **{"max_tokens": 24, **kw})
 
 
-def test_seeded_sampling_same_alone_and_in_a_busy_batch(engine_fp32, prompts) -> None:  # noqa: ANN001
+def test_seeded_sampling_same_alone_and_in_a_busy_batch(engine_fp32, prompts) -> None:
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20)
     alone = tokens_of(run_all(engine_fp32, {"s": (prompts[1], seeded)})["s"])
-    busy = {f"b{i}": (p, SamplingParams(temperature=1.0, max_tokens=20)) for i, p in enumerate(prompts)}
+    busy = {
+        f"b{i}": (p, SamplingParams(temperature=1.0, max_tokens=20)) for i, p in enumerate(prompts)
+    }
     busy["s"] = (prompts[1], seeded)
     crowd = run_all(engine_fp32, busy, {0: list(busy)[:4], 2: list(busy)[4:]})
     assert tokens_of(crowd["s"]) == alone
@@ -30,27 +32,28 @@ def test_seeded_sampling_same_alone_and_in_a_busy_batch(engine_fp32, prompts) ->
     assert tokens_of(other) != alone
 
 
-def test_stop_string_across_token_boundary(engine_fp32, prompts, tokenizer) -> None:  # noqa: ANN001
+def test_stop_string_across_token_boundary(engine_fp32, prompts, tokenizer) -> None:
     full = run_all(engine_fp32, {"f": (prompts[0], greedy())})["f"]
     text, ids = text_of(full), tokens_of(full)
     pieces = [tokenizer.decode(ids[:i]) for i in range(len(ids))]
     cut = len(pieces[3]) - 2  # a stop string that starts inside one token and ends in the next
-    stop = text[cut:cut + 5]
+    stop = text[cut : cut + 5]
     out = run_all(engine_fp32, {"s": (prompts[0], greedy(stop=[stop]))})["s"]
-    assert text_of(out) == text[:text.index(stop)]
+    assert text_of(out) == text[: text.index(stop)]
     assert out[-1].outputs[-1].finish_reason == "stop" and out[-1].outputs[-1].stop_reason == stop
 
 
-def test_logit_bias_forces_and_bans(engine_fp32, prompts) -> None:  # noqa: ANN001
+def test_logit_bias_forces_and_bans(engine_fp32, prompts) -> None:
     forced = run_all(engine_fp32, {"f": (prompts[0], greedy(max_tokens=5, logit_bias={42: 100}))})
     assert tokens_of(forced["f"]) == [42] * 5
     plain = tokens_of(run_all(engine_fp32, {"p": (prompts[0], greedy(max_tokens=3))})["p"])
-    banned = run_all(engine_fp32, {"b": (prompts[0], greedy(max_tokens=3,
-                                                            logit_bias={plain[0]: -100}))})
+    banned = run_all(
+        engine_fp32, {"b": (prompts[0], greedy(max_tokens=3, logit_bias={plain[0]: -100}))}
+    )
     assert tokens_of(banned["b"])[0] != plain[0]
 
 
-def test_logprobs_equal_log_softmax_of_reference_logits(engine_fp32, hf_model, prompts) -> None:  # noqa: ANN001
+def test_logprobs_equal_log_softmax_of_reference_logits(engine_fp32, hf_model, prompts) -> None:
     out = run_all(engine_fp32, {"l": (prompts[2], greedy(max_tokens=8, logprobs=5))})["l"]
     ids = tokens_of(out)
     lps = [lp for o in out for c in o.outputs for lp in c.logprobs]
@@ -64,14 +67,19 @@ def test_logprobs_equal_log_softmax_of_reference_logits(engine_fp32, hf_model, p
         assert [t.token_id for t in lp.top] == row.topk(5).indices.tolist()
 
 
-def test_length_min_tokens_and_ignore_eos(engine_fp32, prompts) -> None:  # noqa: ANN001
-    out = run_all(engine_fp32, {"a": (prompts[3], greedy(max_tokens=4)),
-                                "b": (prompts[4], greedy(max_tokens=40, min_tokens=30, ignore_eos=True))})
+def test_length_min_tokens_and_ignore_eos(engine_fp32, prompts) -> None:
+    out = run_all(
+        engine_fp32,
+        {
+            "a": (prompts[3], greedy(max_tokens=4)),
+            "b": (prompts[4], greedy(max_tokens=40, min_tokens=30, ignore_eos=True)),
+        },
+    )
     assert len(tokens_of(out["a"])) == 4 and out["a"][-1].outputs[-1].finish_reason == "length"
     assert len(tokens_of(out["b"])) == 40 and out["b"][-1].num_output_tokens == 40
 
 
-def test_n_sequences_share_the_prompt_blocks(engine_fp32, prompts) -> None:  # noqa: ANN001
+def test_n_sequences_share_the_prompt_blocks(engine_fp32, prompts) -> None:
     params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12)
     out = run_all(engine_fp32, {"n": (prompts[5] * 3, params)})["n"]
     texts = [tokens_of(out, i) for i in range(3)]
@@ -81,7 +89,7 @@ def test_n_sequences_share_the_prompt_blocks(engine_fp32, prompts) -> None:  # n
     assert hits >= 2 * (len(prompts[5] * 3) - 1) // 16 * 16  # siblings 1 and 2 hit every full block
 
 
-def test_abort_mid_generation_frees_blocks(engine_fp32, prompts) -> None:  # noqa: ANN001
+def test_abort_mid_generation_frees_blocks(engine_fp32, prompts) -> None:
     for i, p in enumerate(prompts[:4]):
         engine_fp32.add_request(f"a{i}", p, greedy(max_tokens=50))
     for _ in range(3):
@@ -93,17 +101,23 @@ def test_abort_mid_generation_frees_blocks(engine_fp32, prompts) -> None:  # noq
     assert_pool_full(engine_fp32)
 
 
-@pytest.mark.parametrize("params, field", [
-    (dict(temperature=3.0), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(presence_penalty=-2.5), "presence_penalty"), (dict(max_tokens=0), "max_tokens"),
-    (dict(logprobs=21), "logprobs"), (dict(logit_bias={5: 101.0}), "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        (dict(temperature=3.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(presence_penalty=-2.5), "presence_penalty"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(logit_bias={5: 101.0}), "logit_bias"),
+    ],
+)
 def test_invalid_sampling_params_name_the_field(params: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**params)
 
 
-def test_oversized_prompts_are_refused_with_both_numbers(make_engine) -> None:  # noqa: ANN001
+def test_oversized_prompts_are_refused_with_both_numbers(make_engine) -> None:
     engine = make_engine(num_blocks=4)
     with pytest.raises(ValueError, match=r"has 100 tokens.*holds 64 tokens"):
         engine.add_request("x", [5] * 100, greedy())
@@ -114,11 +128,13 @@ def test_oversized_prompts_are_refused_with_both_numbers(make_engine) -> None:  
     assert not engine.has_unfinished()
 
 
-def test_batch_invariance_greedy_alone_vs_full_chunked_batch(make_engine, prompts) -> None:  # noqa: ANN001
+def test_batch_invariance_greedy_alone_vs_full_chunked_batch(make_engine, prompts) -> None:
     """The default dtype (bf16): a request's greedy output must not depend on its batch."""
     engine = make_engine(dtype="auto", max_num_batched_tokens=64)
-    alone = {i: tokens_of(run_all(engine, {"x": (p, greedy(max_tokens=32))})["x"])
-             for i, p in enumerate(prompts)}
+    alone = {
+        i: tokens_of(run_all(engine, {"x": (p, greedy(max_tokens=32))})["x"])
+        for i, p in enumerate(prompts)
+    }
     reqs = {f"r{i}": (p, greedy(max_tokens=32)) for i, p in enumerate(prompts * 3)}
     arrivals = {i: [f"r{i}"] for i in range(len(reqs))}
     crowd = run_all(engine, reqs, arrivals)
@@ -126,14 +142,19 @@ def test_batch_invariance_greedy_alone_vs_full_chunked_batch(make_engine, prompt
         assert tokens_of(crowd[f"r{i}"]) == alone[i % len(prompts)], f"request {i}"
 
 
-def test_async_engine_streams_concurrently_and_aborts_on_close(prompts) -> None:  # noqa: ANN001
+def test_async_engine_streams_concurrently_and_aborts_on_close(prompts) -> None:
     from model_parallel.config import EngineConfig
 
     engine = AsyncEngine(EngineConfig())
 
     async def collect(rid: str, p: list[int]) -> str:
-        return "".join([c.text async for o in engine.generate(rid, p, greedy(max_tokens=16))
-                        for c in o.outputs])
+        return "".join(
+            [
+                c.text
+                async for o in engine.generate(rid, p, greedy(max_tokens=16))
+                for c in o.outputs
+            ]
+        )
 
     async def main() -> None:
         texts = await asyncio.gather(*(collect(f"c{i}", p) for i, p in enumerate(prompts[:6])))

@@ -9,7 +9,7 @@ from model_parallel.scheduler import Scheduler
 from tests.model_parallel.test_block_manager import seq
 
 
-def step(sched, sampled: int = 7) -> list[tuple[int, int]]:  # noqa: ANN001
+def step(sched, sampled: int = 7) -> list[tuple[int, int]]:
     """One step with a fake model: every sequence that reaches its end gets `sampled` appended."""
     out = sched.schedule()
     ends = [s.seq for s in out.scheduled if s.samples]
