@@ -19,7 +19,8 @@ class ScheduledSequence(NamedTuple):
 
     @property
     def samples(self) -> bool:
-        """The chunk reaches the last known token, so this step samples the next one."""
+        """The chunk reaches the last known token, so this step samples the next one.
+        NOTE: read it before Scheduler.update, which advances num_computed_tokens."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 

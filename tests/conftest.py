@@ -72,7 +72,8 @@ def make_engine() -> Callable[..., LLMEngine]:
     """An fp32 engine on the default model, with cache or scheduler settings overridden."""
 
     def build(dtype: str = "float32", **overrides: object) -> LLMEngine:
-        cache = {k: v for k, v in overrides.items() if k in CacheConfig.__dataclass_fields__}
+        cache = {"kv_cache_memory_gib": 0.25}  # 5k+ tokens: plenty, and light on the CI box
+        cache |= {k: v for k, v in overrides.items() if k in CacheConfig.__dataclass_fields__}
         sched = {k: v for k, v in overrides.items() if k in SchedulerConfig.__dataclass_fields__}
         return LLMEngine(
             EngineConfig(
