@@ -31,8 +31,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
-    def add(self, token_id: int) -> str | None:
-        """Appends a token; returns the stop string it completed, if any."""
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Appends a token; returns the stop string it completed, if any (and `check_stop`)."""
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
@@ -41,7 +41,8 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             start = max(0, len(self.text) - self.hold)
             self.text += new
-            hits = [(at, s) for s in self.stop if (at := self.text.find(s, start)) != -1]
+            stops = self.stop if check_stop else []
+            hits = [(at, s) for s in stops if (at := self.text.find(s, start)) != -1]
             if hits:
                 at, s = min(hits)
                 self.text = self.text[:at]

@@ -171,9 +171,9 @@ class LLMEngine:
             for sibling in state.pending:  # seq 0's prompt blocks are cached now: share them
                 self.scheduler.add(sibling)
             state.pending = []
-        stop_str = state.detokenizers[seq.index].add(token)
+        can_stop = seq.num_output_tokens >= p.min_tokens  # stops are ignored before min_tokens
+        stop_str = state.detokenizers[seq.index].add(token, check_stop=can_stop)
         reason, stop_reason = None, None
-        can_stop = seq.num_output_tokens >= p.min_tokens
         if can_stop and stop_str is not None:
             reason, stop_reason = "stop", stop_str
         elif can_stop and token in p.stop_token_ids:

@@ -37,3 +37,10 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed(tokenizer) -> None:
 def test_earliest_of_several_stops_wins(tokenizer) -> None:
     deltas, hit = stream(tokenizer, "one two three four", ["four", "two"])
     assert hit == "two" and "".join(deltas) == "one "
+
+
+def test_stops_can_be_switched_off_for_min_tokens(tokenizer) -> None:
+    d = IncrementalDetokenizer(tokenizer, [1], ["two"], True)
+    for t in tokenizer.encode("one two", add_special_tokens=False):
+        assert d.add(t, check_stop=False) is None
+    assert d.delta(final=True) == "one two"
