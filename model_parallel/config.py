@@ -112,6 +112,7 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     device: str = "auto"  # auto: cuda when available, else cpu
+    collective_timeout_s: float = 60.0  # a rank silent this long fails the engine, not hangs it
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from model_parallel.block_manager import BlockManager
-from model_parallel.config import EngineConfig, LlamaArchConfig, resolve_dtype
+from model_parallel.config import EngineConfig, LlamaArchConfig
 from model_parallel.detokenizer import IncrementalDetokenizer
-from model_parallel.distributed import TPGroup
+from model_parallel.distributed import create_master_store
 from model_parallel.loader import resolve_model_path
-from model_parallel.model_runner import ModelRunner
 from model_parallel.request import (
     CompletionOutput,
     RequestOutput,
@@ -29,6 +28,7 @@ from model_parallel.request import (
 )
 from model_parallel.sampler import Sampler, SamplingMetadata
 from model_parallel.scheduler import Scheduler
+from model_parallel.worker import WorkerPool, build_runner
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,15 @@ class LLMEngine:
         self.arch = LlamaArchConfig.from_checkpoint(path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         device = config.parallel.torch_device()
-        dtype = resolve_dtype(config.model.dtype, device)
-        limit = self.arch.max_position_embeddings
-        self.max_model_len = min(config.model.max_model_len or limit, limit)
-        self.runner = ModelRunner(
-            config, self.arch, str(path), self.max_model_len, dtype, device, TPGroup()
-        )
+        self.workers: WorkerPool | None = None
+        if config.parallel.tensor_parallel_size > 1:
+            store, address = create_master_store(config.parallel.collective_timeout_s)
+            self.workers = WorkerPool(config, address)
+            self.runner = build_runner(config, 0, address, store)
+            self.workers.start()
+        else:
+            self.runner = build_runner(config, 0, "")
+        self.max_model_len = self.runner.max_model_len
         bs = config.cache.block_size
         self.block_manager = BlockManager(
             self.runner.num_blocks, bs, config.cache.enable_prefix_caching
@@ -144,12 +147,26 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def check_health(self) -> None:
+        """Raise if a tensor-parallel rank is gone."""
+        if self.workers is not None:
+            self.workers.check()
+
+    def shutdown(self) -> None:
+        if self.workers is not None:
+            try:
+                self.runner.stop_workers()
+            finally:
+                self.workers.shutdown()
+                self.workers = None
+
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        self.check_health()
         sampling = [s.seq for s in out.scheduled if s.samples]
-        logits = self.runner.forward(self.runner.prepare(out.scheduled))
+        logits = self.runner.execute(out.scheduled)
         md = SamplingMetadata.build(sampling, self.arch.vocab_size, self.eos_token_ids, self.device)
         result = self.sampler(logits, md)
         self.scheduler.update(out)
@@ -278,11 +295,13 @@ class AsyncEngine:
     def check_health(self) -> None:
         if self._error is not None or not self._thread.is_alive():
             raise EngineDeadError(f"the engine loop is dead: {self._error!r}")
+        self.engine.check_health()
 
     def shutdown(self) -> None:
         self._stopped = True
         self._inbox.put(("stop", None))
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         target = self._streams.get(request_id)

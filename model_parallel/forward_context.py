@@ -27,7 +27,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat KV slot each new token is written to
     num_decode_tokens: int = 0  # the batch opens with this many single-token decodes
     decode_block_tables: torch.Tensor | None = None  # [B_d, max_blocks], padded with block 0
-    decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, max_blocks * block_size], True = attend
+    decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, max_blocks * block_size]: 0 or -inf
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 

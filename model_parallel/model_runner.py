@@ -7,7 +7,6 @@ after them; only rows that reach their last known token are turned into logits.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,16 +22,9 @@ from model_parallel.forward_context import AttentionMetadata, ForwardContext, Pr
 from model_parallel.loader import load_weights
 from model_parallel.models.llama import LlamaForCausalLM
 from model_parallel.scheduler import ScheduledSequence
+from model_parallel.step_inputs import CMD_STOP, HEADER_SIZE, StepInputs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    metadata: AttentionMetadata
-    sample_rows: torch.Tensor  # [B] flat indices whose hidden states become logits
 
 
 class ModelRunner:
@@ -47,6 +39,7 @@ class ModelRunner:
         tp: TPGroup,
     ):
         self.arch, self.dtype, self.device, self.tp = arch, dtype, device, tp
+        self.max_model_len = max_model_len
         self.block_size = config.cache.block_size
         self.ctx = ForwardContext()
         with torch.device(device):
@@ -61,7 +54,9 @@ class ModelRunner:
         for module in self.model.modules():
             if hasattr(module, "pack"):
                 module.pack()
-        self.num_blocks = self._num_blocks(config)
+        # Every rank sizes its own pool; all use the smallest, since the block tables are shared.
+        local = torch.tensor([self._num_blocks(config)], device=device)
+        self.num_blocks = int(tp.all_reduce(local, op=torch.distributed.ReduceOp.MIN).item())
         attn0 = self.model.layers[0].self_attn
         # NOTE: one KV tensor per rank: [2, layers, blocks, block_size, kv_heads_per_rank, head_dim]
         self.kv_cache = torch.zeros(
@@ -102,56 +97,62 @@ class ModelRunner:
             )
         return blocks_for_budget(budget, self.block_size, per_token)
 
-    def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
-        """Rank 0: the scheduler's batch as tensors. Decodes first, then prefill chunks."""
-        bs = self.block_size
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
-        ids: list[int] = [s.seq.token_ids[s.seq.num_computed_tokens] for s in decodes]
-        pos: list[int] = [s.seq.num_computed_tokens for s in decodes]
-        slots: list[int] = [s.seq.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos)]
-        sample_rows = list(range(len(decodes)))
-        md = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes))
-        if decodes:
-            md.decode_block_tables, md.decode_mask = self._decode_tables(decodes, pos)
-        for s in prefills:
-            seq, n, start = s.seq, s.num_new_tokens, len(ids)
-            c = seq.num_computed_tokens
-            ids.extend(seq.token_ids[c : c + n])
-            pos.extend(range(c, c + n))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(c, c + n))
+    def metadata(self, inputs: StepInputs) -> AttentionMetadata:
+        """Every rank: the attention metadata (masks, per-chunk tables) from the step's tensors."""
+        md = AttentionMetadata(inputs.slot_mapping, inputs.num_decodes)
+        if inputs.num_decodes:
+            md.decode_block_tables = inputs.decode_tables
+            md.decode_mask = self._decode_mask(
+                inputs.positions[: inputs.num_decodes], inputs.decode_tables.shape[1]
+            )
+        offset = 0
+        for start, n, ctx, num_blocks in inputs.prefills.tolist():
+            table = inputs.prefill_tables[offset : offset + num_blocks]
+            offset += num_blocks
             mask = None
-            if c:
-                q_pos = torch.arange(c, c + n, device=self.device)
-                mask = torch.arange(c + n, device=self.device)[None, :] <= q_pos[:, None]
-            table = torch.tensor(seq.block_table[: -(-(c + n) // bs)], device=self.device)
-            md.prefills.append(PrefillChunk(start, n, c + n, table, mask))
-            if s.samples:
-                sample_rows.append(start + n - 1)
-        md.slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
-        return StepInputs(
-            torch.tensor(ids, device=self.device),
-            torch.tensor(pos, device=self.device),
-            md,
-            torch.tensor(sample_rows, dtype=torch.long, device=self.device),
-        )
+            if ctx > n:  # earlier context in the cache: causal with an offset
+                q_pos = torch.arange(ctx - n, ctx, device=self.device)
+                mask = torch.arange(ctx, device=self.device)[None, :] <= q_pos[:, None]
+            md.prefills.append(PrefillChunk(start, n, ctx, table, mask))
+        return md
 
-    def _decode_tables(
-        self, decodes: list[ScheduledSequence], pos: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(p // self.block_size for p in pos) + 1
-        tables = [
-            s.seq.block_table[:width] + [0] * (width - min(width, len(s.seq.block_table)))
-            for s in decodes
-        ]
-        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+    def _decode_mask(self, positions: torch.Tensor, width: int) -> torch.Tensor:
         span = torch.arange(width * self.block_size, device=self.device)
-        mask = span[None, :] <= torch.tensor(pos, device=self.device)[:, None]  # [B, L]
-        return block_tables, mask[:, None, None, :]
+        visible = span[None, :] <= positions[:, None]  # [B, L]
+        # An additive mask: SDPA's CPU kernel would convert a boolean one on every layer.
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        return bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+        """Rank 0: build the step, hand it to the other ranks, and run it -> logits [B, V]."""
+        inputs = StepInputs.build(scheduled, self.block_size, self.device)
+        if self.tp.size > 1:
+            header, payload = inputs.pack()
+            self.tp.broadcast(header)
+            self.tp.broadcast(payload)
+        return self.forward(inputs)
+
+    def serve_steps(self) -> None:
+        """Ranks > 0: run the steps rank 0 broadcasts until it says stop."""
+        header = torch.empty(HEADER_SIZE, dtype=torch.long, device=self.device)
+        while True:
+            values = self.tp.broadcast(header).tolist()
+            if values[0] == CMD_STOP:
+                return
+            payload = torch.empty(
+                StepInputs.payload_size(values), dtype=torch.long, device=self.device
+            )
+            self.forward(StepInputs.unpack(values, self.tp.broadcast(payload)))
+
+    def stop_workers(self) -> None:
+        if self.tp.size > 1:
+            header = torch.zeros(HEADER_SIZE, dtype=torch.long, device=self.device)
+            header[0] = CMD_STOP
+            self.tp.broadcast(header)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Every rank: the step's forward pass -> logits [B, V] for the sampled rows."""
-        with self.ctx.bind(inputs.metadata):
+        with self.ctx.bind(self.metadata(inputs)):
             hidden = self.model(inputs.input_ids, inputs.positions)
         return self.model.compute_logits(hidden[inputs.sample_rows])
