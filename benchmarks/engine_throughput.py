@@ -57,6 +57,7 @@ class Result:
     tokens_per_s: float
     ttft_ms_p50: float | None = None
     tpot_ms_p50: float | None = None
+    collective_ms_per_step: float | None = None  # rank 0's wait in all-reduce/gather/broadcast
 
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -80,8 +81,11 @@ def run_engine(
     first_t: dict[str, float] = {}
     end_t: dict[str, float] = {}
     t0 = time.perf_counter()
-    in_flight = 0
+    in_flight = steps = 0
+    comm = engine.runner.tp.stats
+    comm_before = comm.seconds
     while queue or engine.has_unfinished():
+        steps += 1
         while queue and in_flight < concurrency:
             i, p = queue.pop(0)
             engine.add_request(f"q{i}", p, params)
@@ -106,6 +110,7 @@ def run_engine(
         total / seconds,
         1e3 * statistics.median(ttft),
         1e3 * statistics.median(tpot),
+        1e3 * (comm.seconds - comm_before) / steps,
     )
 
 
@@ -148,7 +153,7 @@ def main() -> None:
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
     )
-    engine = LLMEngine(config)
+    engine = LLMEngine(config)  # TP > 1 starts a local Ray instance for the workers
     prompts = chat_prompts(engine.tokenizer, args.num_prompts)
     run_engine(engine, prompts[:4], 4, 8)  # warm-up
     hf = None
@@ -161,7 +166,7 @@ def main() -> None:
     results = []
     print(
         f"{'system':<12} {'conc':>4} {'tok/s':>8} "
-        f"{'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'vs HF':>6}"
+        f"{'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'vs HF':>6} {'comm ms/step':>12}"
     )
     for c in args.concurrency:
         ours = run_engine(engine, prompts, c, args.max_tokens)
@@ -174,7 +179,7 @@ def main() -> None:
             print(f"{ref.system:<12} {c:>4} {ref.tokens_per_s:>8.1f}")
         print(
             f"{ours.system:<12} {c:>4} {ours.tokens_per_s:>8.1f} {ours.ttft_ms_p50:>12.1f} "
-            f"{ours.tpot_ms_p50:>12.1f} {ratio:>6}",
+            f"{ours.tpot_ms_p50:>12.1f} {ratio:>6} {ours.collective_ms_per_step:>12.1f}",
             flush=True,
         )
         results.extend(row)

@@ -7,11 +7,26 @@ process-global default group, so one process may hold several engines (the tests
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass(slots=True)
+class CommStats:
+    """Wall time spent waiting in collectives on this rank (the benchmark reports it per step)."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+    def wait(self, work: Any) -> None:
+        start = time.perf_counter()
+        work.wait()
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,12 +35,13 @@ class TPGroup:
     size: int = 1
     backend: Any = None  # ProcessGroupGloo / ProcessGroupNCCL
     store: Any = None  # kept alive for the group's lifetime
+    stats: CommStats = field(default_factory=CommStats)
 
     def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         if self.size > 1:
             opts = dist.AllreduceOptions()
             opts.reduceOp = op
-            self.backend.allreduce([x], opts).wait()
+            self.stats.wait(self.backend.allreduce([x], opts))
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -34,12 +50,12 @@ class TPGroup:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        self.backend.allgather([parts], [x]).wait()
+        self.stats.wait(self.backend.allgather([parts], [x]))
         return torch.cat(parts, dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.size > 1:
-            self.backend.broadcast(x, src).wait()
+            self.stats.wait(self.backend.broadcast(x, src))
         return x
 
     def shard(self, total: int, name: str) -> int:

@@ -28,6 +28,7 @@ from model_parallel.request import (
 )
 from model_parallel.sampler import Sampler, SamplingMetadata
 from model_parallel.scheduler import Scheduler
+from model_parallel.step_inputs import split_batch
 from model_parallel.worker import WorkerPool, build_runner
 
 logger = logging.getLogger(__name__)
@@ -156,16 +157,17 @@ class LLMEngine:
         if self.workers is not None:
             try:
                 self.runner.stop_workers()
-            finally:
-                self.workers.shutdown()
-                self.workers = None
+            except RuntimeError:  # a rank is already gone: the group is broken, kill the rest
+                logger.warning("tensor-parallel group broken at shutdown", exc_info=True)
+            self.workers.shutdown()
+            self.workers = None
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
         self.check_health()
-        sampling = [s.seq for s in out.scheduled if s.samples]
+        sampling = [s.seq for part in split_batch(out.scheduled) for s in part if s.samples]
         logits = self.runner.execute(out.scheduled)
         md = SamplingMetadata.build(sampling, self.arch.vocab_size, self.eos_token_ids, self.device)
         result = self.sampler(logits, md)

@@ -13,6 +13,16 @@ HEADER_SIZE = 8
 CMD_STEP, CMD_STOP = 1, 2
 
 
+def split_batch(
+    scheduled: list[ScheduledSequence],
+) -> tuple[list[ScheduledSequence], list[ScheduledSequence]]:
+    """Single-token steps first, then chunks. NOTE: logits rows come back in this order."""
+    return (
+        [s for s in scheduled if s.num_new_tokens == 1],
+        [s for s in scheduled if s.num_new_tokens > 1],
+    )
+
+
 @dataclass(slots=True)
 class StepInputs:
     input_ids: torch.Tensor  # [T]; the first num_decodes tokens are single-token decodes
@@ -29,8 +39,7 @@ class StepInputs:
         cls, scheduled: list[ScheduledSequence], block_size: int, device: torch.device
     ) -> StepInputs:
         bs = block_size
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        chunks = [s for s in scheduled if s.num_new_tokens > 1]
+        decodes, chunks = split_batch(scheduled)
         ids = [s.seq.token_ids[s.seq.num_computed_tokens] for s in decodes]
         pos = [s.seq.num_computed_tokens for s in decodes]
         slots = [s.seq.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos)]
@@ -39,7 +48,7 @@ class StepInputs:
             s.seq.block_table[:width] + [0] * (width - len(s.seq.block_table[:width]))
             for s in decodes
         ]
-        rows = list(range(len(decodes)))
+        rows = [i for i, s in enumerate(decodes) if s.samples]  # a 1-token chunk may not sample
         descs: list[list[int]] = []
         chunk_tables: list[int] = []
         for s in chunks:

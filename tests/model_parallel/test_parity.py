@@ -64,3 +64,10 @@ def test_prefix_cache_hit(engine_fp32, hf_model, tokenizer) -> None:
     common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
     assert out[-1].num_cached_tokens == common // 16 * 16 > 0
     assert tokens_of(out) == hf_greedy(hf_model, second, MAX_NEW)
+
+
+def test_all_at_once_with_a_budget_that_splits_prompts(make_engine, prompts, reference) -> None:
+    """Chunks of one token that do not sample, and chunks of running sequences ahead of decodes."""
+    for budget in (64, 37):
+        engine = make_engine(max_num_batched_tokens=budget)
+        _check(run_all(engine, {f"r{i}": (p, _greedy()) for i, p in enumerate(prompts)}), reference)
