@@ -7,6 +7,7 @@ torch.distributed broadcasts (no Ray call per step). Ray is used only to place, 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from model_parallel.config import EngineConfig, LlamaArchConfig, resolve_dtype
@@ -58,11 +59,11 @@ class WorkerPool:
         from ray.util.placement_group import get_current_placement_group, placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)
         size = config.parallel.tensor_parallel_size
         gpu = config.parallel.torch_device().type == "cuda"
         resource = {"GPU": 1} if gpu else {"CPU": 1}
+        if not ray.is_initialized():  # a local instance; CPU ranks may share cores
+            ray.init(log_to_driver=False, num_cpus=None if gpu else max(os.cpu_count() or 1, size))
         self.own_pg = get_current_placement_group() is None
         # Inside a Serve replica the deployment's placement group already holds rank 0 in bundle 0.
         self.pg = (
@@ -70,7 +71,13 @@ class WorkerPool:
             if self.own_pg
             else get_current_placement_group()
         )
-        ray.get(self.pg.ready(), timeout=120)
+        try:
+            ray.get(self.pg.ready(), timeout=120)
+        except ray.exceptions.GetTimeoutError as e:
+            raise RuntimeError(
+                f"could not place {size} x {resource} in one node within 120 s "
+                f"(cluster has {ray.cluster_resources()})"
+            ) from e
         actor = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0)(TPWorker)
         self.actors = [
             actor.options(
