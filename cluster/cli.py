@@ -1,14 +1,23 @@
-"""The `llmcluster` command. `chat` talks to the engine in-process (the OpenAI server comes with the
-serving issue)."""
+"""The `llmcluster` command: `serve` (the OpenAI-compatible server on Ray Serve) and `chat` (the
+engine in this process)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 
-from model_parallel.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
+from model_parallel.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from model_parallel.loader import DEFAULT_MODEL
 from model_parallel.request import SamplingParams
+from serving.config import AppConfig, ModelDeployment, ServerSettings
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -61,9 +70,73 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _engine_args(p)
+    p.add_argument(
+        "--served-model-name", default=None, help="the name clients use (default: --model)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LLMCLUSTER_API_KEY"),
+        help="require this bearer key (also LLMCLUSTER_API_KEY)",
+    )
+    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--min-replicas", type=int, default=None, help="with --max-replicas: autoscale")
+    p.add_argument("--max-replicas", type=int, default=None)
+    p.add_argument("--target-ongoing-requests", type=float, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs)
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens
+    )
+    p.add_argument("--max-queued-requests", type=int, default=ModelDeployment().max_queued_requests)
+    p.add_argument("--address", default=None, help="join a running Ray cluster ('auto')")
+    p.add_argument("--allow-request-chat-template", action="store_true")
+
+
+def _app_config(args: argparse.Namespace) -> AppConfig:
+    engine = _engine_config(args)
+    engine = dataclasses.replace(
+        engine,
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        ),
+    )
+    autoscaling = None
+    if args.min_replicas is not None or args.max_replicas is not None:
+        lo = args.min_replicas if args.min_replicas is not None else 1
+        autoscaling = {
+            "min_replicas": lo,
+            "max_replicas": args.max_replicas or lo,
+            "target_ongoing_requests": args.target_ongoing_requests
+            or max(1, args.max_num_seqs // 2),
+        }
+    model = ModelDeployment(
+        engine=engine,
+        served_model_name=args.served_model_name,
+        num_replicas=args.num_replicas,
+        autoscaling_config=autoscaling,
+        max_queued_requests=args.max_queued_requests,
+    )
+    server = ServerSettings(
+        api_key=args.api_key, allow_request_chat_template=args.allow_request_chat_template
+    )
+    return AppConfig(models=(model,), server=server)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.launch import serve_forever
+
+    serve_forever(_app_config(args), args.host, args.port, args.address)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmcluster", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI API on Ray Serve")
+    _serve_args(serve)
     chat = sub.add_parser("chat", help="chat with a model in this process")
     _engine_args(chat)
     chat.add_argument("prompt", nargs="?", help="one-shot prompt; without it, an interactive chat")
@@ -72,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--temperature", type=float, default=0.7)
     args = parser.parse_args(argv)
     try:
-        return _chat(args)
+        return _serve(args) if args.command == "serve" else _chat(args)
     except (EOFError, KeyboardInterrupt):
         print()
         return 0

@@ -25,6 +25,7 @@ from model_parallel.request import (
     SamplingParams,
     Sequence,
     TokenLogprobs,
+    coalesce,
 )
 from model_parallel.sampler import Sampler, SamplingMetadata
 from model_parallel.scheduler import Scheduler
@@ -282,6 +283,13 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await stream.get()
+                # Coalesce what piled up while the consumer was busy into one item.
+                while isinstance(item, RequestOutput) and not stream.empty():
+                    nxt = stream.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        stream.put_nowait(nxt)  # raised on the next turn, after this item
+                        break
+                    item = coalesce(item, nxt)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -293,6 +301,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped or self._error is not None
 
     def check_health(self) -> None:
         if self._error is not None or not self._thread.is_alive():

@@ -175,3 +175,34 @@ class RequestOutput:
     num_cached_tokens: int
     num_output_tokens: int  # across all choices so far
     finished: bool
+
+
+def coalesce(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """One output carrying what `a` then `b` carried: fewer, larger items for a slow consumer."""
+    by_index = {c.index: c for c in a.outputs}
+    merged = list(a.outputs)
+    for c in b.outputs:
+        prev = by_index.get(c.index)
+        if prev is None:
+            merged.append(c)
+            by_index[c.index] = c
+            continue
+        logprobs = None if prev.logprobs is None else prev.logprobs + (c.logprobs or [])
+        joined = CompletionOutput(
+            c.index,
+            prev.text + c.text,
+            prev.token_ids + c.token_ids,
+            logprobs,
+            c.finish_reason,
+            c.stop_reason,
+        )
+        merged[merged.index(prev)] = joined
+        by_index[c.index] = joined
+    return RequestOutput(
+        b.request_id,
+        merged,
+        b.num_prompt_tokens,
+        b.num_cached_tokens,
+        b.num_output_tokens,
+        b.finished,
+    )

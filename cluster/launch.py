@@ -1,0 +1,69 @@
+"""Start or join Ray, deploy the app, wait until it answers /health, and shut down cleanly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import urllib.request
+
+from serving.config import AppConfig
+
+logger = logging.getLogger(__name__)
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f} s")
+
+
+def deploy(config: AppConfig, host: str, port: int, address: str | None) -> str:
+    """Deploy on a local Ray instance (address None) or join one ('auto' or ray://...)."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config), name=config.name, route_prefix="/")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    wait_healthy(url, 600)
+    return url
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def serve_forever(config: AppConfig, host: str, port: int, address: str | None) -> None:
+    """Blocks until Ctrl-C or SIGTERM, then takes everything down (no stray Ray processes)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        url = deploy(config, host, port, address)
+        print(
+            f"llmcluster: serving {', '.join(m.name for m in config.models)} at {url}/v1",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        print("llmcluster: shutting down", flush=True)
+        shutdown()

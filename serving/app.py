@@ -1,0 +1,40 @@
+"""build_app(config): the ingress bound to one LLMServer deployment per model. Used by
+`llmcluster serve` and by `serve run`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serving.config import AppConfig, ModelDeployment
+from serving.ingress import OpenAIIngress
+from serving.llm_server import LLMServer
+
+
+def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
+    par = m.engine.parallel
+    gpu = par.torch_device().type == "cuda"
+    bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
+    options: dict[str, Any] = {
+        "name": f"LLMServer:{m.name}".replace("/", "--"),
+        "max_ongoing_requests": m.engine.scheduler.max_num_seqs,
+        "max_queued_requests": m.max_queued_requests,
+        "health_check_period_s": 5,
+        "health_check_timeout_s": 30,
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if gpu else 0},
+    }
+    if par.tensor_parallel_size > 1:  # rank 0 (the replica) takes bundle 0, workers the rest
+        options["placement_group_bundles"] = [bundle] * par.tensor_parallel_size
+        options["placement_group_strategy"] = "STRICT_PACK"
+    if m.autoscaling_config:
+        options["autoscaling_config"] = m.autoscaling_config
+    else:
+        options["num_replicas"] = m.num_replicas
+    return serve.deployment(LLMServer).options(**options).bind(m.engine, m.name, app_name)
+
+
+def build_app(config: AppConfig) -> Application:
+    handles = {m.name: llm_deployment(m, config.name) for m in config.models}
+    return OpenAIIngress.options(num_replicas=config.ingress_replicas).bind(config, handles)

@@ -1,0 +1,168 @@
+"""Chat messages -> prompt token ids through the model's own (sandboxed) chat template, request
+fields -> SamplingParams, and engine outputs -> OpenAI choices, logprobs and usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model_parallel.request import CompletionOutput, SamplingParams, TokenLogprobs
+from serving.protocol import ChatCompletionRequest, OpenAIError, SamplingFields
+
+# apply_chat_template arguments a request must not reach through chat_template_kwargs
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "processor_kwargs",
+    }
+)
+
+
+def check_supported(req: ChatCompletionRequest, allow_request_template: bool) -> None:
+    """Refuse, with a 400 that says so, what this server does not do yet."""
+    if req.tools or req.tool_choice not in (None, "none"):
+        raise OpenAIError("tools and tool_choice are not supported yet", param="tools")
+    fmt = (req.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise OpenAIError(f"response_format {fmt!r} is not supported yet", param="response_format")
+    if req.chat_template is not None and not allow_request_template:
+        raise OpenAIError(
+            "a request-supplied chat_template is not allowed on this server", param="chat_template"
+        )
+    bad = RESERVED_TEMPLATE_KWARGS.intersection(req.chat_template_kwargs or {})
+    if bad:
+        raise OpenAIError(
+            f"chat_template_kwargs may not set {sorted(bad)}", param="chat_template_kwargs"
+        )
+
+
+def _message(m: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "role": "system" if m.role == "developer" else m.role,
+        "content": m.text(),
+    }
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def render_chat(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
+    """The prompt ids. Templates render in transformers' immutable Jinja sandbox."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [_message(m) for m in req.messages],
+            chat_template=req.chat_template,
+            tokenize=False,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            continue_final_message=req.continue_final_message,
+            **(req.chat_template_kwargs or {}),
+        )
+    except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+        raise OpenAIError(
+            f"the chat template could not render these messages: {e}", param="messages"
+        ) from e
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def sampling_params(
+    req: SamplingFields, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except ValueError as e:
+        raise OpenAIError(str(e), param=str(e).split(" ", 1)[0]) from e
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+class LogprobFormatter:
+    """Token ids -> the strings and byte lists OpenAI's logprobs carry."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token(token_id)
+        return {
+            "token": text,
+            "logprob": max(logprob, -9999.0),
+            "bytes": list(text.encode("utf-8")),
+        }
+
+    def chat(self, lps: list[TokenLogprobs]) -> list[dict[str, Any]]:
+        return [
+            {**self._entry(*lp.chosen), "top_logprobs": [self._entry(*t) for t in lp.top]}
+            for lp in lps
+        ]
+
+    def completion(self, lps: list[TokenLogprobs], text_offset: int) -> dict[str, Any]:
+        tokens = [self.token(lp.chosen.token_id) for lp in lps]
+        offsets = []
+        for t in tokens:
+            offsets.append(text_offset)
+            text_offset += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.chosen.logprob for lp in lps],
+            "top_logprobs": [{self.token(t.token_id): t.logprob for t in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+
+def merge_choice(acc: dict[int, dict[str, Any]], c: CompletionOutput) -> None:
+    """Accumulate one choice's deltas into a whole (for non-streamed responses)."""
+    entry = acc.setdefault(
+        c.index, {"text": [], "token_ids": [], "logprobs": [], "finish_reason": None}
+    )
+    entry["text"].append(c.text)
+    entry["token_ids"].extend(c.token_ids)
+    entry["logprobs"].extend(c.logprobs or [])
+    if c.finish_reason is not None:
+        entry["finish_reason"] = c.finish_reason
+        entry["stop_reason"] = c.stop_reason

@@ -1,0 +1,316 @@
+"""The OpenAIIngress deployment: routes, auth, validation, error mapping and SSE. CPU only; it
+renders chats and talks to each model's LLMServer through a streaming DeploymentHandle.
+
+NOTE: no `from __future__ import annotations` here: FastAPI reads the route signatures, and Serve
+ships the ingress class by value, so every helper it uses is defined above it.
+"""
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+
+from model_parallel.loader import resolve_model_path
+from model_parallel.request import RequestOutput
+from serving.chat import (
+    LogprobFormatter,
+    check_supported,
+    merge_choice,
+    render_chat,
+    sampling_params,
+    usage,
+)
+from serving.completions import CompletionsHandler
+from serving.config import AppConfig
+from serving.metrics import metrics_store
+from serving.protocol import ChatCompletionRequest, OpenAIError, from_validation_error
+from serving.streams import first_output, prepend, sse
+
+app = FastAPI(title="llmcluster", docs_url=None, redoc_url=None)
+
+
+class ModelEntry:
+    """What the ingress keeps per served model."""
+
+    def __init__(self, name: str, handle: Any, model: str, cache_dir: str | None):
+        from transformers import AutoTokenizer
+
+        self.name, self.handle = name, handle
+        self.path = resolve_model_path(model, cache_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        self.logprobs = LogprobFormatter(self.tokenizer)
+        self.info: dict[str, Any] | None = None
+
+    async def max_model_len(self) -> int:
+        if self.info is None:
+            self.info = await self.handle.info.remote()
+        return self.info["max_model_len"]
+
+
+async def guarded(handler: Callable[[Request], Any], request: Request) -> Response:
+    """OpenAI-shaped errors for every refusal; a bug answers 500 without taking anything down."""
+    try:
+        return await handler(request)
+    except OpenAIError as e:
+        return JSONResponse(e.body(), e.status, headers=e.headers)
+    except Exception as e:  # noqa: BLE001
+        err = OpenAIError(f"internal error: {e!r}"[:1000], 500, type="internal_error")
+        return JSONResponse(err.body(), 500)
+
+
+class ChatView:
+    """Engine outputs -> chat.completion or chat.completion.chunk dicts for one request."""
+
+    def __init__(self, rid: str, req: ChatCompletionRequest, fmt: LogprobFormatter):
+        self.rid, self.req, self.fmt = rid, req, fmt
+        self.created = int(time.time())
+
+    def _logprobs(self, lps: list | None) -> dict[str, Any] | None:
+        return {"content": self.fmt.chat(lps or [])} if self.req.logprobs else None
+
+    def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
+        acc: dict[int, dict[str, Any]] = {}
+        for out in outputs:
+            for c in out.outputs:
+                merge_choice(acc, c)
+        last = outputs[-1]
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(e["text"])},
+                "logprobs": self._logprobs(e["logprobs"]),
+                "finish_reason": e["finish_reason"],
+                "stop_reason": e.get("stop_reason"),
+            }
+            for i, e in sorted(acc.items())
+        ]
+        return {
+            "id": self.rid,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.req.model,
+            "choices": choices,
+            "usage": usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens),
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        usage_field = {"usage": None} if self._include_usage else {}
+        return {
+            "id": self.rid,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.req.model,
+            "choices": choices,
+            **usage_field,
+            **extra,
+        }
+
+    @property
+    def _include_usage(self) -> bool:
+        return bool(self.req.stream_options and self.req.stream_options.include_usage)
+
+    async def chunks(
+        self, first: RequestOutput, rest: AsyncIterator[RequestOutput]
+    ) -> AsyncIterator[dict[str, Any]]:
+        yield self._chunk(
+            [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for i in range(self.req.n)
+            ]
+        )
+        last = first
+        async for out in prepend(first, rest):
+            last = out
+            choices = [
+                {
+                    "index": c.index,
+                    "delta": {"content": c.text} if c.text else {},
+                    "logprobs": self._logprobs(c.logprobs) if c.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in last.outputs
+                if c.text or c.finish_reason or c.logprobs
+            ]
+            if choices:
+                yield self._chunk(choices)
+        if self._include_usage:
+            yield {
+                **self._chunk([]),
+                "usage": usage(
+                    last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens
+                ),
+            }
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, config: AppConfig, handles: dict[str, Any]):
+        self.settings = config.server
+        self.models = {
+            m.name: ModelEntry(
+                m.name, handles[m.name], m.engine.model.model, m.engine.model.cache_dir
+            )
+            for m in config.models
+        }
+        self.metrics = metrics_store(config.name)
+        self.completions = CompletionsHandler(self)
+
+    # --- boundary checks -------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+            raise OpenAIError("invalid or missing API key", 401, code="invalid_api_key")
+
+    async def parse(self, request: Request, model: type[BaseModel]) -> Any:
+        headers = request.headers.raw
+        if (
+            len(headers) > self.settings.max_header_count
+            or sum(len(k) + len(v) for k, v in headers) > self.settings.max_header_bytes
+        ):
+            raise OpenAIError("too many or too large headers", 431)
+        limit = self.settings.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise OpenAIError(f"request body over {limit} bytes", 413)
+        body = await request.body()
+        if len(body) > limit:
+            raise OpenAIError(f"request body over {limit} bytes", 413)
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OpenAIError(f"malformed JSON body: {e}") from e
+        if not isinstance(data, dict):
+            raise OpenAIError("the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise from_validation_error(e) from e
+
+    def model(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise OpenAIError(
+                f"the model {name!r} does not exist", 404, param="model", code="model_not_found"
+            )
+        return entry
+
+    async def check_prompt(self, entry: ModelEntry, prompt: list[int], param: str) -> None:
+        limit = await entry.max_model_len()
+        if len(prompt) >= limit:
+            raise OpenAIError(
+                f"this model's maximum context length is {limit} tokens, but the "
+                f"prompt has {len(prompt)} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    # --- routes ----------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await guarded(self._chat, request)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await guarded(self.completions.handle, request)
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        return await guarded(self._models, request)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str, request: Request) -> Response:
+        async def one(req: Request) -> Response:
+            self.authorize(req)
+            return JSONResponse(await self._model_card(self.model(model_id)))
+
+        return await guarded(one, request)
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(m.handle.check_health.remote() for m in self.models.values())),
+                timeout=10,
+            )
+        except Exception as e:  # noqa: BLE001 - any failure means not healthy
+            return JSONResponse({"status": "unhealthy", "reason": repr(e)[:500]}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        async def render(req: Request) -> Response:
+            self.authorize(req)
+            return PlainTextResponse(
+                await self.metrics.render.remote(), media_type="text/plain; version=0.0.4"
+            )
+
+        return await guarded(render, request)
+
+    # --- handlers --------------------------------------------------------------------------
+
+    async def _model_card(self, m: ModelEntry) -> dict[str, Any]:
+        return {
+            "id": m.name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "llmcluster",
+            "root": str(m.path),
+            "max_model_len": await m.max_model_len(),
+        }
+
+    async def _models(self, request: Request) -> Response:
+        self.authorize(request)
+        cards = [await self._model_card(m) for m in self.models.values()]
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def _chat(self, request: Request) -> Response:
+        self.authorize(request)
+        req: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
+        entry = self.model(req.model)
+        check_supported(req, self.settings.allow_request_chat_template)
+        if req.n > self.settings.max_n:
+            raise OpenAIError(f"n must be in [1, {self.settings.max_n}]", param="n")
+        if req.top_logprobs and not req.logprobs:
+            raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
+        try:
+            prompt = await asyncio.wait_for(
+                asyncio.to_thread(render_chat, entry.tokenizer, req),
+                self.settings.template_timeout_s,
+            )
+        except TimeoutError as e:
+            raise OpenAIError("the chat template took too long to render", param="messages") from e
+        await self.check_prompt(entry, prompt, "messages")
+        params = sampling_params(
+            req,
+            req.max_completion_tokens or req.max_tokens,
+            (req.top_logprobs or 0) if req.logprobs else None,
+        )
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = entry.handle.options(stream=True).generate.remote(rid, prompt, params)
+        first = await first_output(stream)
+        view = ChatView(rid, req, entry.logprobs)
+        if req.stream:
+            return StreamingResponse(
+                sse(view.chunks(first, stream), stream), media_type="text/event-stream"
+            )
+        outputs = [first] + [o async for o in stream]
+        return JSONResponse(view.response(outputs))

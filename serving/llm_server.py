@@ -1,0 +1,70 @@
+"""The LLMServer deployment: one model replica owning one AsyncEngine (and, with tensor
+parallelism, the workers in its placement group)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from model_parallel.config import EngineConfig
+from model_parallel.engine import AsyncEngine
+from model_parallel.request import RequestOutput, SamplingParams
+from serving.metrics import EngineMetrics, metrics_store
+
+REPORT_PERIOD_S = 1.0
+
+
+class LLMServer:
+    def __init__(self, engine_config: EngineConfig, model_name: str, app_name: str):
+        self.engine = AsyncEngine(engine_config)
+        self.metrics = EngineMetrics()
+        self._reporter = threading.Thread(
+            target=self._report, args=(model_name, app_name), name="metrics-report", daemon=True
+        )
+        self._reporter.start()
+
+    def _report(self, model_name: str, app_name: str) -> None:
+        store = metrics_store(app_name)
+        replica = uuid.uuid4().hex
+        while not self.engine.stopped:
+            store.report.remote(model_name, replica, self.stats())
+            time.sleep(REPORT_PERIOD_S)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Streams the request's outputs; Serve cancels it (and so aborts it) when the client
+        goes away."""
+        start = time.monotonic()
+        first: float | None = None
+        last: RequestOutput | None = None
+        async for out in self.engine.generate(request_id, prompt_token_ids, params):
+            if first is None:
+                first = time.monotonic()
+            last = out
+            yield out
+        if last is not None and first is not None:
+            self.metrics.observe_request(last, start, first, time.monotonic())
+
+    def info(self) -> dict[str, Any]:
+        e = self.engine.engine
+        return {
+            "max_model_len": e.max_model_len,
+            "vocab_size": e.arch.vocab_size,
+            "created": int(time.time()),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's engine gauges and request metrics, for /metrics."""
+        return {"engine": self.engine.engine.stats(), "requests": self.metrics.snapshot()}
+
+    def check_health(self) -> None:
+        """Serve's health check: raises (so Serve replaces the replica) when the engine loop or a
+        tensor-parallel rank is dead."""
+        self.engine.check_health()
+
+    def __del__(self) -> None:
+        self.engine.shutdown()

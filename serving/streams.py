@@ -1,0 +1,75 @@
+"""The ingress side of a streaming DeploymentHandle call: the first item decides between an error
+status, JSON and SSE; the SSE body follows; a client that leaves cancels the engine request."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+
+from model_parallel.request import RequestOutput
+from serving.protocol import OpenAIError
+
+RETRY_AFTER_S = "1"
+
+
+def to_openai_error(e: BaseException) -> OpenAIError:
+    """What an exception from the LLMServer call means for the client."""
+    cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
+    if isinstance(cause, OpenAIError):
+        return cause
+    if isinstance(cause, ValueError):  # the engine refused the request
+        return OpenAIError(str(cause))
+    if isinstance(cause, BackPressureError):
+        return OpenAIError(
+            "the server is at capacity; retry shortly",
+            503,
+            type="server_overloaded",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    if isinstance(cause, (RayActorError, RuntimeError)):
+        return OpenAIError(
+            f"the model replica failed: {cause}"[:1000],
+            503,
+            type="service_unavailable",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    return OpenAIError(f"internal error: {cause!r}"[:1000], 500, type="internal_error")
+
+
+async def first_output(stream: Any) -> RequestOutput:
+    """The first item, or the error that takes its place, before any byte is sent."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration as e:
+        raise OpenAIError("the engine returned nothing", 500, type="internal_error") from e
+    except Exception as e:  # noqa: BLE001
+        raise to_openai_error(e) from e
+
+
+async def prepend(
+    first: RequestOutput, rest: AsyncIterator[RequestOutput]
+) -> AsyncIterator[RequestOutput]:
+    yield first
+    async for out in rest:
+        yield out
+
+
+async def sse(chunks: AsyncIterator[dict[str, Any]], stream: Any) -> AsyncIterator[str]:
+    """Server-sent events. A failure mid-stream becomes an error event; leaving early (the client
+    disconnected) cancels the engine request, which frees its blocks."""
+    done = False
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+        done = True
+    except Exception as e:  # noqa: BLE001
+        yield f"data: {json.dumps(to_openai_error(e).body())}\n\n"
+        done = True
+    finally:
+        if not done:
+            stream.cancel()
+    yield "data: [DONE]\n\n"
