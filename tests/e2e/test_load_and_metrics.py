@@ -1,0 +1,95 @@
+"""Concurrency, client disconnects freeing KV blocks, /health and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import API_KEY, MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def metric(server: str, name: str) -> float:
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    m = re.search(rf"^llmcluster_{name}{{[^}}]*}} ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def test_64_concurrent_streams_all_finish(aclient) -> None:  # noqa: ANN001
+    async def one(i: int) -> str:
+        stream = await aclient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count to {i}."}],
+            max_tokens=8,
+            stream=True,
+        )
+        text, reason = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                reason = chunk.choices[0].finish_reason or reason
+        assert reason in ("stop", "length")
+        return text
+
+    async def main() -> list[str]:
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), timeout=300)
+
+    texts = asyncio.run(main())
+    assert len(texts) == 64
+
+
+def test_disconnected_streams_free_their_blocks(server: str) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 2000,
+        "stream": True,
+        "extra": 1,
+        "ignore_eos": True,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(timeout=60) as http:
+        for _ in range(4):
+            with http.stream(
+                "POST", f"{server}/v1/chat/completions", json=body, headers=headers
+            ) as r:
+                lines = r.iter_lines()
+                for _ in range(3):
+                    next(lines)
+            # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (
+            metric(server, "kv_cache_blocks_used") == 0
+            and metric(server, "num_requests_running") == 0
+        ):
+            break
+        time.sleep(0.5)
+    assert metric(server, "kv_cache_blocks_used") == 0
+    assert metric(server, "num_requests_running") == 0
+
+
+def test_health_and_metrics(server: str, client) -> None:  # noqa: ANN001
+    r = httpx.get(f"{server}/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    time.sleep(1.5)  # replicas report every second
+    assert metric(server, "generation_tokens_total") > 0
+    assert metric(server, "kv_cache_blocks_total") > 0
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    for name in (
+        "time_to_first_token_seconds_bucket",
+        "e2e_request_latency_seconds_count",
+        "prefix_cache_hit_rate",
+        "request_success_total",
+        "num_requests_waiting",
+    ):
+        assert f"llmcluster_{name}" in text
