@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the OpenAI API on Ray Serve")
     _serve_args(serve)
+    bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible endpoint")
+    from cluster.bench import add_arguments
+
+    add_arguments(bench)
     chat = sub.add_parser("chat", help="chat with a model in this process")
     _engine_args(chat)
     chat.add_argument("prompt", nargs="?", help="one-shot prompt; without it, an interactive chat")
@@ -145,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--temperature", type=float, default=0.7)
     args = parser.parse_args(argv)
     try:
+        if args.command == "bench":
+            from cluster.bench import main as bench_main
+
+            return bench_main(args)
         return _serve(args) if args.command == "serve" else _chat(args)
     except (EOFError, KeyboardInterrupt):
         print()

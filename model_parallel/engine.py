@@ -263,6 +263,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._error: BaseException | None = None
         self._stopped = False
+        self._num_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -344,6 +345,8 @@ class AsyncEngine:
                 return
 
     def _run(self) -> None:
+        # NOTE: OpenMP thread counts are per thread: give the loop its creator's, not the env's.
+        torch.set_num_threads(self._num_threads)
         try:
             while not self._stopped:
                 self._drain_inbox()

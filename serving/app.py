@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray import serve
@@ -12,18 +13,22 @@ from serving.config import AppConfig, ModelDeployment
 from serving.ingress import OpenAIIngress
 from serving.llm_server import LLMServer
 
+INGRESS_MAX_ONGOING = 2048
+
 
 def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
     par = m.engine.parallel
     gpu = par.torch_device().type == "cuda"
     bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
+    # A CPU replica's matmuls want every core it is given (Ray caps its threads at num_cpus).
+    cpus = m.cpus_per_replica or (1 if gpu or par.tensor_parallel_size > 1 else os.cpu_count() or 1)
     options: dict[str, Any] = {
         "name": f"LLMServer:{m.name}".replace("/", "--"),
         "max_ongoing_requests": m.engine.scheduler.max_num_seqs,
         "max_queued_requests": m.max_queued_requests,
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,
-        "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if gpu else 0},
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0},
     }
     if par.tensor_parallel_size > 1:  # rank 0 (the replica) takes bundle 0, workers the rest
         options["placement_group_bundles"] = [bundle] * par.tensor_parallel_size
@@ -32,9 +37,12 @@ def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
         options["autoscaling_config"] = m.autoscaling_config
     else:
         options["num_replicas"] = m.num_replicas
-    return serve.deployment(LLMServer).options(**options).bind(m.engine, m.name, app_name)
+    return serve.deployment(LLMServer).options(**options).bind(m.engine, m.name, app_name, cpus)
 
 
 def build_app(config: AppConfig) -> Application:
     handles = {m.name: llm_deployment(m, config.name) for m in config.models}
-    return OpenAIIngress.options(num_replicas=config.ingress_replicas).bind(config, handles)
+    # The ingress only waits on streams: Serve's default of 5 requests in flight would queue them.
+    return OpenAIIngress.options(
+        num_replicas=config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING
+    ).bind(config, handles)

@@ -26,6 +26,7 @@ class ModelDeployment:
     num_replicas: int = 1
     autoscaling_config: dict[str, Any] | None = None  # Serve's; replaces num_replicas
     max_queued_requests: int = 256  # beyond it, a 503 with Retry-After
+    cpus_per_replica: int | None = None  # None: every core of the node on CPU, 1 with GPUs or TP
 
     @property
     def name(self) -> str:

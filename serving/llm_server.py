@@ -9,6 +9,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
+
 from model_parallel.config import EngineConfig
 from model_parallel.engine import AsyncEngine
 from model_parallel.request import RequestOutput, SamplingParams
@@ -18,7 +20,15 @@ REPORT_PERIOD_S = 1.0
 
 
 class LLMServer:
-    def __init__(self, engine_config: EngineConfig, model_name: str, app_name: str):
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        model_name: str,
+        app_name: str,
+        num_threads: int = 1,
+        stream_interval_s: float = 0.1,
+    ):
+        torch.set_num_threads(num_threads)
         self.engine = AsyncEngine(engine_config)
         self.metrics = EngineMetrics()
         self._reporter = threading.Thread(
@@ -41,6 +51,8 @@ class LLMServer:
         start = time.monotonic()
         first: float | None = None
         last: RequestOutput | None = None
+        # NOTE: outputs that pile up are already coalesced by AsyncEngine; holding them back further
+        # (one item per 100-500 ms) was measured and did not raise throughput through Serve.
         async for out in self.engine.generate(request_id, prompt_token_ids, params):
             if first is None:
                 first = time.monotonic()
