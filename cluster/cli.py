@@ -17,7 +17,9 @@ from model_parallel.config import (
 )
 from model_parallel.loader import DEFAULT_MODEL
 from model_parallel.request import SamplingParams
-from serving.config import AppConfig, ModelDeployment, ServerSettings
+from serving.config import AppConfig, ModelDeployment, ServerSettings, config_from_dict
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -75,8 +77,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--served-model-name", default=None, help="the name clients use (default: --model)"
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--config", default=None, help="a Serve config YAML (configs/*.yaml)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("LLMCLUSTER_API_KEY"),
@@ -125,10 +128,36 @@ def _app_config(args: argparse.Namespace) -> AppConfig:
     return AppConfig(models=(model,), server=server)
 
 
+def _from_yaml(args: argparse.Namespace) -> tuple[AppConfig, str, int]:
+    """The app, host and port of a Serve config file (flags given explicitly win)."""
+    import yaml
+
+    with open(args.config) as f:
+        doc = yaml.safe_load(f)
+    apps = [
+        a for a in doc.get("applications", []) if a.get("import_path", "").startswith("serving.")
+    ]
+    if len(apps) != 1:
+        raise ValueError(f"{args.config}: expected one llmcluster application, found {len(apps)}")
+    http = doc.get("http_options") or {}
+    config = config_from_dict(apps[0].get("args") or {})
+    if args.api_key:
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, api_key=args.api_key)
+        )
+    host = args.host if args.host != DEFAULT_HOST else http.get("host", DEFAULT_HOST)
+    port = args.port if args.port != DEFAULT_PORT else http.get("port", DEFAULT_PORT)
+    return config, host, port
+
+
 def _serve(args: argparse.Namespace) -> int:
     from cluster.launch import serve_forever
 
-    serve_forever(_app_config(args), args.host, args.port, args.address)
+    if args.config:
+        config, host, port = _from_yaml(args)
+    else:
+        config, host, port = _app_config(args), args.host, args.port
+    serve_forever(config, host, port, args.address)
     return 0
 
 

@@ -26,15 +26,20 @@ def wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f} s")
 
 
-def deploy(config: AppConfig, host: str, port: int, address: str | None) -> str:
-    """Deploy on a local Ray instance (address None) or join one ('auto' or ray://...)."""
+def connect(address: str | None) -> None:
+    """Start a local Ray instance (address None) or join one ('auto' or ray://...)."""
     import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def deploy(config: AppConfig, host: str, port: int, address: str | None) -> str:
     from ray import serve
 
     from serving.app import build_app
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    connect(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=config.name, route_prefix="/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -55,6 +60,8 @@ def shutdown() -> None:
 def serve_forever(config: AppConfig, host: str, port: int, address: str | None) -> None:
     """Blocks until Ctrl-C or SIGTERM, then takes everything down (no stray Ray processes)."""
     stop = threading.Event()
+    connect(address)
+    # NOTE: after ray.init, whose own SIGTERM handler would abort the process instead.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:

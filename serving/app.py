@@ -9,7 +9,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving.config import AppConfig, ModelDeployment
+from serving.config import AppConfig, ModelDeployment, config_from_dict
 from serving.ingress import OpenAIIngress
 from serving.llm_server import LLMServer
 
@@ -46,3 +46,8 @@ def build_app(config: AppConfig) -> Application:
     return OpenAIIngress.options(
         num_replicas=config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING
     ).bind(config, handles)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """`serve run configs/default.yaml` imports this (import_path: serving.app:app_builder)."""
+    return build_app(config_from_dict(args or {}))

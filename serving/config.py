@@ -39,3 +39,78 @@ class AppConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     ingress_replicas: int = 1
     name: str = "llmcluster"
+
+
+_MODEL_KEYS = {
+    "model",
+    "served_model_name",
+    "dtype",
+    "max_model_len",
+    "tensor_parallel_size",
+    "device",
+    "kv_cache_memory_gib",
+    "gpu_memory_utilization",
+    "block_size",
+    "enable_prefix_caching",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "num_replicas",
+    "autoscaling_config",
+    "max_queued_requests",
+    "cpus_per_replica",
+}
+_SERVER_KEYS = set(ServerSettings.__dataclass_fields__)
+
+
+def _model_from_dict(d: dict[str, Any]) -> ModelDeployment:
+    from model_parallel.config import (
+        CacheConfig,
+        ModelConfig,
+        ParallelConfig,
+        SchedulerConfig,
+    )
+
+    unknown = set(d) - _MODEL_KEYS
+    if unknown:
+        raise ValueError(f"unknown model keys {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
+
+    def pick(cls: type, **rename: str) -> Any:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: d[rename.get(k, k)] for k in fields if rename.get(k, k) in d})
+
+    engine = EngineConfig(
+        model=pick(ModelConfig),
+        cache=pick(CacheConfig),
+        scheduler=pick(SchedulerConfig),
+        parallel=pick(ParallelConfig),
+    )
+    return ModelDeployment(
+        engine=engine,
+        **{
+            k: d[k]
+            for k in (
+                "served_model_name",
+                "num_replicas",
+                "autoscaling_config",
+                "max_queued_requests",
+                "cpus_per_replica",
+            )
+            if k in d
+        },
+    )
+
+
+def config_from_dict(d: dict[str, Any]) -> AppConfig:
+    """A Serve YAML application's `args` (or `llmcluster serve --config`) -> AppConfig."""
+    known = {"models", "name", "ingress_replicas"} | _SERVER_KEYS
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    models = tuple(_model_from_dict(m) for m in d.get("models") or [{}])
+    server = ServerSettings(**{k: d[k] for k in _SERVER_KEYS if k in d})
+    return AppConfig(
+        models=models,
+        server=server,
+        ingress_replicas=d.get("ingress_replicas", 1),
+        name=d.get("name", "llmcluster"),
+    )

@@ -1,0 +1,59 @@
+"""Serve config files and the dict form of AppConfig: every YAML in configs/ validates against
+Serve's own schema and builds our application."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.config import config_from_dict
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_serve_configs_validate_and_build(path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import app_builder
+
+    doc = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(doc)
+    for app in doc["applications"]:
+        assert app["import_path"] == "serving.app:app_builder"
+        config_from_dict(app["args"])
+        assert app_builder(app["args"]) is not None
+
+
+def test_dict_config_maps_every_layer() -> None:
+    cfg = config_from_dict(
+        {
+            "api_key": "k",
+            "ingress_replicas": 2,
+            "models": [
+                {
+                    "model": "m",
+                    "served_model_name": "x",
+                    "dtype": "float32",
+                    "tensor_parallel_size": 2,
+                    "max_num_seqs": 8,
+                    "num_replicas": 3,
+                    "kv_cache_memory_gib": 1.5,
+                }
+            ],
+        }
+    )
+    m = cfg.models[0]
+    assert cfg.server.api_key == "k" and cfg.ingress_replicas == 2
+    assert (m.name, m.num_replicas, m.engine.model.dtype) == ("x", 3, "float32")
+    assert m.engine.parallel.tensor_parallel_size == 2 and m.engine.scheduler.max_num_seqs == 8
+    assert m.engine.cache.kv_cache_memory_gib == 1.5
+
+
+def test_unknown_keys_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        config_from_dict({"modles": []})
+    with pytest.raises(ValueError, match="unknown model keys"):
+        config_from_dict({"models": [{"modle": "x"}]})
