@@ -3,13 +3,9 @@ background thread and hands each request an async stream of its outputs."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import queue
-import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +21,6 @@ from model_parallel.request import (
     SamplingParams,
     Sequence,
     TokenLogprobs,
-    coalesce,
 )
 from model_parallel.sampler import Sampler, SamplingMetadata
 from model_parallel.scheduler import Scheduler
@@ -33,6 +28,44 @@ from model_parallel.step_inputs import split_batch
 from model_parallel.worker import WorkerPool, build_runner
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """What a request is checked against before it is queued (known to any front end)."""
+
+    max_model_len: int
+    pool_tokens: int
+    vocab_size: int
+    max_n: int
+
+
+def validate_request(
+    prompt_token_ids: list[int], params: SamplingParams, limits: EngineLimits
+) -> None:
+    """Refuse what cannot be served, before it is queued."""
+    n, vocab = len(prompt_token_ids), limits.vocab_size
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    if n >= limits.max_model_len:
+        raise ValueError(
+            f"the prompt has {n} tokens, but the model's context length is "
+            f"{limits.max_model_len} (and at least one token must be generated)"
+        )
+    if n >= limits.pool_tokens:
+        raise ValueError(
+            f"the prompt has {n} tokens, but the whole KV cache holds {limits.pool_tokens} tokens"
+        )
+    if any(not 0 <= t < vocab for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    if params.n > limits.max_n:
+        raise ValueError(f"n must be in [1, {limits.max_n}], got {params.n}")
+    for name, ids in (
+        ("logit_bias", params.logit_bias or {}),
+        ("stop_token_ids", params.stop_token_ids),
+    ):
+        if any(not 0 <= int(t) < vocab for t in ids):
+            raise ValueError(f"{name} token ids must be in [0, {vocab})")
 
 
 @dataclass(slots=True)
@@ -78,31 +111,14 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
 
+    @property
+    def limits(self) -> EngineLimits:
+        return EngineLimits(
+            self.max_model_len, self.pool_tokens, self.arch.vocab_size, self.config.scheduler.max_n
+        )
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Refuse what cannot be served, before it is queued. Thread-safe: reads only config."""
-        n = len(prompt_token_ids)
-        vocab = self.arch.vocab_size
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens, but the model's context length is "
-                f"{self.max_model_len} (and at least one token must be generated)"
-            )
-        if n >= self.pool_tokens:
-            raise ValueError(
-                f"the prompt has {n} tokens, but the whole KV cache holds {self.pool_tokens} tokens"
-            )
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if params.n > self.config.scheduler.max_n:
-            raise ValueError(f"n must be in [1, {self.config.scheduler.max_n}], got {params.n}")
-        for name, ids in (
-            ("logit_bias", params.logit_bias or {}),
-            ("stop_token_ids", params.stop_token_ids),
-        ):
-            if any(not 0 <= int(t) < vocab for t in ids):
-                raise ValueError(f"{name} token ids must be in [0, {vocab})")
+        validate_request(prompt_token_ids, params, self.limits)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -250,110 +266,3 @@ class LLMEngine:
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped; the request cannot finish."""
-
-
-class AsyncEngine:
-    """Owns an LLMEngine and one thread that steps it. Callers talk to it through a thread-safe
-    inbox
-    and get their outputs on per-request asyncio queues, so nobody ever blocks the loop."""
-
-    def __init__(self, config: EngineConfig):
-        self.engine = LLMEngine(config)
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._error: BaseException | None = None
-        self._stopped = False
-        self._num_threads = torch.get_num_threads()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Streams the request's outputs, one per step. Closing the iterator early aborts it."""
-        self.check_health()
-        self.engine.validate(prompt_token_ids, sampling_params)
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", (request_id, list(prompt_token_ids), sampling_params)))
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                # Coalesce what piled up while the consumer was busy into one item.
-                while isinstance(item, RequestOutput) and not stream.empty():
-                    nxt = stream.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        stream.put_nowait(nxt)  # raised on the next turn, after this item
-                        break
-                    item = coalesce(item, nxt)
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped or self._error is not None
-
-    def check_health(self) -> None:
-        if self._error is not None or not self._thread.is_alive():
-            raise EngineDeadError(f"the engine loop is dead: {self._error!r}")
-        self.engine.check_health()
-
-    def shutdown(self) -> None:
-        self._stopped = True
-        self._inbox.put(("stop", None))
-        self._thread.join(timeout=10)
-        self.engine.shutdown()
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
-
-    def _drain_inbox(self) -> None:
-        block = not self.engine.has_unfinished()
-        while True:
-            try:
-                kind, payload = self._inbox.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                return
-            block = False
-            if kind == "add":
-                request_id, prompt, params = payload
-                try:
-                    self.engine.add_request(request_id, prompt, params)
-                except ValueError as e:
-                    self._deliver(request_id, e)
-            elif kind == "abort":
-                self.engine.abort_request(payload)
-            elif kind == "stop":
-                self._stopped = True
-                return
-
-    def _run(self) -> None:
-        # NOTE: OpenMP thread counts are per thread: give the loop its creator's, not the env's.
-        torch.set_num_threads(self._num_threads)
-        try:
-            while not self._stopped:
-                self._drain_inbox()
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
-        except BaseException as e:
-            logger.exception("engine loop failed")
-            self._error = e
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError(f"engine failure: {e!r}"))

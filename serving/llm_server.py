@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from model_parallel.async_engine import AsyncEngine, ProcessEngine
 from model_parallel.config import EngineConfig
-from model_parallel.engine import AsyncEngine
 from model_parallel.request import RequestOutput, SamplingParams
 from serving.metrics import EngineMetrics, metrics_store
 
@@ -26,10 +26,12 @@ class LLMServer:
         model_name: str,
         app_name: str,
         num_threads: int = 1,
-        stream_interval_s: float = 0.1,
     ):
         torch.set_num_threads(num_threads)
-        self.engine = AsyncEngine(engine_config)
+        # One rank: the engine gets a process of its own, away from this replica's GIL. With
+        # tensor parallelism, rank 0 stays here, inside the placement group Serve made for it.
+        tp = engine_config.parallel.tensor_parallel_size
+        self.engine = ProcessEngine(engine_config) if tp == 1 else AsyncEngine(engine_config)
         self.metrics = EngineMetrics()
         self._reporter = threading.Thread(
             target=self._report, args=(model_name, app_name), name="metrics-report", daemon=True
@@ -51,8 +53,8 @@ class LLMServer:
         start = time.monotonic()
         first: float | None = None
         last: RequestOutput | None = None
-        # NOTE: outputs that pile up are already coalesced by AsyncEngine; holding them back further
-        # (one item per 100-500 ms) was measured and did not raise throughput through Serve.
+        # NOTE: outputs that pile up are already coalesced by the engine front end; holding them
+        # back further (one item per 100-500 ms) was measured and did not raise throughput.
         async for out in self.engine.generate(request_id, prompt_token_ids, params):
             if first is None:
                 first = time.monotonic()
@@ -62,16 +64,16 @@ class LLMServer:
             self.metrics.observe_request(last, start, first, time.monotonic())
 
     def info(self) -> dict[str, Any]:
-        e = self.engine.engine
+        limits = self.engine.limits
         return {
-            "max_model_len": e.max_model_len,
-            "vocab_size": e.arch.vocab_size,
+            "max_model_len": limits.max_model_len,
+            "vocab_size": limits.vocab_size,
             "created": int(time.time()),
         }
 
     def stats(self) -> dict[str, Any]:
         """This replica's engine gauges and request metrics, for /metrics."""
-        return {"engine": self.engine.engine.stats(), "requests": self.metrics.snapshot()}
+        return {"engine": self.engine.stats(), "requests": self.metrics.snapshot()}
 
     def check_health(self) -> None:
         """Serve's health check: raises (so Serve replaces the replica) when the engine loop or a

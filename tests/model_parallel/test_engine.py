@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from model_parallel.engine import AsyncEngine
+from model_parallel.async_engine import AsyncEngine, ProcessEngine
 from model_parallel.request import SamplingParams
 from tests.conftest import assert_pool_full, run_all, text_of, tokens_of
 
@@ -176,3 +176,40 @@ def test_async_engine_streams_concurrently_and_aborts_on_close(prompts) -> None:
         engine.check_health()
     finally:
         engine.shutdown()
+
+
+def test_process_engine_streams_refuses_and_aborts(prompts) -> None:  # noqa: ANN001
+    from model_parallel.config import EngineConfig
+
+    engine = ProcessEngine(EngineConfig())
+
+    async def collect(rid: str, p: list[int]) -> list[int]:
+        return [
+            t
+            async for o in engine.generate(rid, p, greedy(max_tokens=8))
+            for c in o.outputs
+            for t in c.token_ids
+        ]
+
+    async def main() -> None:
+        outs = await asyncio.gather(*(collect(f"p{i}", p) for i, p in enumerate(prompts[:4])))
+        assert all(len(o) > 0 for o in outs)
+        gen = engine.generate("drop", prompts[0], greedy(max_tokens=500))
+        await gen.__anext__()
+        await gen.aclose()
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if engine.stats().get("num_running") == 0 and engine.stats()["kv_blocks_used"] == 0:
+                break
+        assert engine.stats()["kv_blocks_used"] == 0
+        with pytest.raises(ValueError, match="prompt"):
+            async for _ in engine.generate("bad", [5] * 9000, greedy()):
+                pass
+
+    try:
+        asyncio.run(main())
+        engine.check_health()
+    finally:
+        engine.shutdown()
+    with pytest.raises(Exception):  # noqa: B017
+        engine.check_health()

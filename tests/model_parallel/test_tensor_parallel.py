@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_parallel.async_engine import AsyncEngine
 from model_parallel.config import (
     CacheConfig,
     EngineConfig,
@@ -18,7 +19,7 @@ from model_parallel.config import (
     ParallelConfig,
     SchedulerConfig,
 )
-from model_parallel.engine import AsyncEngine, EngineDeadError, LLMEngine
+from model_parallel.engine import EngineDeadError, LLMEngine
 from model_parallel.request import SamplingParams
 from tests.conftest import assert_pool_full, hf_greedy, run_all, tokens_of
 
