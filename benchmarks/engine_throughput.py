@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from cluster.bench import builtin_prompts
 from model_parallel.config import (
     CacheConfig,
     EngineConfig,
@@ -24,27 +25,6 @@ from model_parallel.config import (
 from model_parallel.engine import LLMEngine
 from model_parallel.loader import DEFAULT_MODEL
 from model_parallel.request import SamplingParams
-
-TOPICS = [
-    "the ocean",
-    "a city at night",
-    "learning to cook",
-    "the history of bridges",
-    "a robot",
-    "winter mornings",
-    "chess openings",
-    "a lighthouse keeper",
-]
-ASKS = [
-    "Write a short story about {}.",
-    "Describe {} in detail.",
-    "Write a poem about {}.",
-    "Explain {} to a child.",
-    "List facts about {}.",
-    "Give advice related to {}.",
-    "Write a dialogue about {}.",
-    "Summarize what people love about {}.",
-]
 
 
 @dataclass
@@ -61,7 +41,7 @@ class Result:
 
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
-    texts = [ASKS[i % 8].format(TOPICS[(i // 8) % 8]) for i in range(n)]
+    texts = builtin_prompts(n)
     return [
         list(
             tokenizer.apply_chat_template(

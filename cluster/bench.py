@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-BUILTIN_TOPICS = [
+TOPICS = [
     "the ocean",
     "a city at night",
     "learning to cook",
@@ -22,12 +22,21 @@ BUILTIN_TOPICS = [
     "chess openings",
     "a lighthouse keeper",
 ]
-BUILTIN_ASKS = [
+ASKS = [
     "Write a short story about {}.",
     "Describe {} in detail.",
     "Write a poem about {}.",
     "Explain {} to a child.",
+    "List facts about {}.",
+    "Give advice related to {}.",
+    "Write a dialogue about {}.",
+    "Summarize what people love about {}.",
 ]
+
+
+def builtin_prompts(n: int) -> list[str]:
+    """The built-in chat prompts (the engine benchmark uses the same ones)."""
+    return [ASKS[i % len(ASKS)].format(TOPICS[(i // len(ASKS)) % len(TOPICS)]) for i in range(n)]
 
 
 @dataclass
@@ -60,10 +69,7 @@ def load_samples(args: argparse.Namespace) -> list[Sample]:
             for _ in range(args.num_prompts)
         ]
     if args.dataset == "builtin":
-        texts = [
-            BUILTIN_ASKS[i % 4].format(BUILTIN_TOPICS[(i // 4) % 8])
-            for i in range(args.num_prompts)
-        ]
+        texts = builtin_prompts(args.num_prompts)
     else:  # a ShareGPT-style JSON file: [{"conversations": [{"from": "human", "value": ...}]}]
         with open(args.dataset) as f:
             rows = json.load(f)

@@ -159,7 +159,7 @@ def _engine_process(config: EngineConfig, num_threads: int, commands: Any, resul
     """The child: build the engine, then step it; every step's outputs go back as one message."""
     torch.set_num_threads(num_threads)
     engine = LLMEngine(config)
-    results.send(("ready", engine.limits))
+    results.send(("ready", (engine.limits, engine.stats())))
 
     def take(block: bool) -> tuple[str, object]:
         if commands.poll(0.5 if block else 0):
@@ -203,10 +203,9 @@ class ProcessEngine(_AsyncFrontEnd):
             self._proc.kill()
             raise EngineDeadError("the engine process did not start in time")
         try:
-            kind, self.limits = self._results.recv()
+            kind, (self.limits, self._stats) = self._results.recv()
         except EOFError as e:
             raise EngineDeadError("the engine process died while starting") from e
-        self._stats: dict[str, float] = {}
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="engine-results", daemon=True)
         self._reader.start()

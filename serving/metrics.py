@@ -16,6 +16,48 @@ HISTOGRAMS = {
     "e2e_request_latency_seconds": E2E_BUCKETS,
 }
 PREFIX = "llmcluster"
+# (metric, type, help, "requests" or "engine" stats, key): summed over replicas as they are
+SUMMED = [
+    ("prompt_tokens_total", "counter", "Prefilled prompt tokens.", "requests", "prompt_tokens"),
+    ("generation_tokens_total", "counter", "Generated tokens.", "requests", "generation_tokens"),
+    ("num_requests_running", "gauge", "Sequences in the running batch.", "engine", "num_running"),
+    (
+        "num_requests_waiting",
+        "gauge",
+        "Sequences waiting to be scheduled.",
+        "engine",
+        "num_waiting",
+    ),
+    ("kv_cache_blocks_used", "gauge", "KV-cache blocks in use.", "engine", "kv_blocks_used"),
+    (
+        "kv_cache_blocks_total",
+        "gauge",
+        "KV-cache blocks in the pools.",
+        "engine",
+        "kv_blocks_total",
+    ),
+    (
+        "prefix_cache_queries_total",
+        "counter",
+        "Prompt tokens looked up in the prefix cache.",
+        "engine",
+        "prefix_queried_tokens",
+    ),
+    (
+        "prefix_cache_hits_total",
+        "counter",
+        "Prompt tokens found in the prefix cache.",
+        "engine",
+        "prefix_hit_tokens",
+    ),
+    (
+        "num_preemptions_total",
+        "counter",
+        "Sequences preempted for KV space.",
+        "engine",
+        "num_preemptions",
+    ),
+]
 
 
 class EngineMetrics:
@@ -78,66 +120,14 @@ def render(model: str, replicas: list[dict[str, Any]]) -> str:
             for k in reasons
         ],
     )
-    metric(
-        "prompt_tokens_total",
-        "counter",
-        "Prefilled prompt tokens.",
-        [(lbl, total(req, "prompt_tokens"))],
-    )
-    metric(
-        "generation_tokens_total",
-        "counter",
-        "Generated tokens.",
-        [(lbl, total(req, "generation_tokens"))],
-    )
-    metric(
-        "num_requests_running",
-        "gauge",
-        "Sequences in the running batch.",
-        [(lbl, total(eng, "num_running"))],
-    )
-    metric(
-        "num_requests_waiting",
-        "gauge",
-        "Sequences waiting to be scheduled.",
-        [(lbl, total(eng, "num_waiting"))],
-    )
-    metric(
-        "kv_cache_blocks_used",
-        "gauge",
-        "KV-cache blocks in use.",
-        [(lbl, total(eng, "kv_blocks_used"))],
-    )
-    metric(
-        "kv_cache_blocks_total",
-        "gauge",
-        "KV-cache blocks in the pools.",
-        [(lbl, total(eng, "kv_blocks_total"))],
-    )
+    for name, kind, help_, source, key in SUMMED:
+        metric(name, kind, help_, [(lbl, total(req if source == "requests" else eng, key))])
     queried, hits = total(eng, "prefix_queried_tokens"), total(eng, "prefix_hit_tokens")
-    metric(
-        "prefix_cache_queries_total",
-        "counter",
-        "Prompt tokens looked up in the prefix cache.",
-        [(lbl, queried)],
-    )
-    metric(
-        "prefix_cache_hits_total",
-        "counter",
-        "Prompt tokens found in the prefix cache.",
-        [(lbl, hits)],
-    )
     metric(
         "prefix_cache_hit_rate",
         "gauge",
-        "Hits over queries since start.",
+        "Prefix-cache hits over queries since start.",
         [(lbl, hits / queried if queried else 0.0)],
-    )
-    metric(
-        "num_preemptions_total",
-        "counter",
-        "Sequences preempted for KV space.",
-        [(lbl, total(eng, "num_preemptions"))],
     )
     for name, buckets in HISTOGRAMS.items():
         counts = [sum(r["hist"][name][i] for r in req) for i in range(len(buckets) + 1)]
