@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -126,7 +125,6 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        now = time.monotonic()
         seqs, detoks = [], []
         for i in range(params.n):
             seq = Sequence(
@@ -136,7 +134,6 @@ class LLMEngine:
                 list(prompt_token_ids),
                 len(prompt_token_ids),
                 params,
-                now,
             )
             if params.seed is not None:
                 seq.generator = torch.Generator(self.device).manual_seed(params.seed + i)

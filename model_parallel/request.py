@@ -128,7 +128,6 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
-    arrival: float
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
@@ -148,11 +147,6 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def is_prefilling(self) -> bool:
-        """True until the step that computes the last known token (and so samples a new one)."""
-        return self.num_computed_tokens < self.num_tokens - 1
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ from model_parallel.request import SamplingParams, Sequence
 
 
 def seq(seq_id: int, tokens: list[int]) -> Sequence:
-    return Sequence(seq_id, f"r{seq_id}", 0, list(tokens), len(tokens), SamplingParams(), 0.0)
+    return Sequence(seq_id, f"r{seq_id}", 0, list(tokens), len(tokens), SamplingParams())
 
 
 def compute(bm: BlockManager, s: Sequence, n: int, computed: list[int] | None = None) -> None:

@@ -14,7 +14,7 @@ EOS = (7,)
 def seqs(*params: SamplingParams, outputs: list[int] | None = None) -> list[Sequence]:
     out = []
     for i, p in enumerate(params):
-        s = Sequence(i, f"r{i}", 0, [0, 1], 2, p, 0.0)
+        s = Sequence(i, f"r{i}", 0, [0, 1], 2, p)
         s.token_ids += outputs or []
         if p.seed is not None:
             s.generator = torch.Generator().manual_seed(p.seed)
