@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,12 +27,28 @@ def wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f} s")
 
 
-def connect(address: str | None) -> None:
+def local_cpus(config: AppConfig) -> int:
+    """Logical CPUs for a local instance: CPU tensor-parallel ranks take one bundle each, and may
+    share the machine's cores (one more for the ingress side)."""
+    ranks = sum(
+        m.engine.parallel.tensor_parallel_size * m.num_replicas
+        for m in config.models
+        if m.engine.parallel.torch_device().type == "cpu"
+    )
+    return max(os.cpu_count() or 1, ranks + 1)
+
+
+def connect(config: AppConfig, address: str | None) -> None:
     """Start a local Ray instance (address None) or join one ('auto' or ray://...)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address=address,
+            num_cpus=None if address else local_cpus(config),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
 
 
 def deploy(config: AppConfig, host: str, port: int, address: str | None) -> str:
@@ -39,7 +56,7 @@ def deploy(config: AppConfig, host: str, port: int, address: str | None) -> str:
 
     from serving.app import build_app
 
-    connect(address)
+    connect(config, address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=config.name, route_prefix="/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -60,7 +77,7 @@ def shutdown() -> None:
 def serve_forever(config: AppConfig, host: str, port: int, address: str | None) -> None:
     """Blocks until Ctrl-C or SIGTERM, then takes everything down (no stray Ray processes)."""
     stop = threading.Event()
-    connect(address)
+    connect(config, address)
     # NOTE: after ray.init, whose own SIGTERM handler would abort the process instead.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
