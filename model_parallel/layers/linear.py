@@ -17,10 +17,14 @@ from model_parallel.distributed import TPGroup
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked layout of a CPU bf16 weight (~20% faster decode matmuls); else None."""
+    """oneDNN's blocked layout of a CPU bf16 weight (~20% faster decode matmuls); None where it
+    does not apply or the CPU lacks the instructions it needs (AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+    except RuntimeError:
+        return None
 
 
 def linear(
