@@ -66,6 +66,8 @@ class _AsyncFrontEnd:
                     item = coalesce(item, nxt)
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    raise ValueError(item.error)
                 finished = item.finished
                 yield item
         finally:

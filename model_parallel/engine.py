@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -24,9 +26,12 @@ from model_parallel.request import (
 from model_parallel.sampler import Sampler, SamplingMetadata
 from model_parallel.scheduler import Scheduler
 from model_parallel.step_inputs import split_batch
+from model_parallel.structured import GrammarCompiler
 from model_parallel.worker import WorkerPool, build_runner
 
 logger = logging.getLogger(__name__)
+
+GRAMMAR_COMPILE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +112,9 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.sampler = Sampler()
         self.device = device
+        self.grammars = GrammarCompiler(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
+        self._compiling: dict[str, tuple[Future, float]] = {}  # structured requests, not queued yet
         self._seq_ids = itertools.count()
 
     @property
@@ -144,23 +151,53 @@ class LLMEngine:
                 )
             )
         self._requests[request_id] = _RequestState(seqs, detoks, pending=seqs[1:])
-        self.scheduler.add(seqs[0])
+        if params.structured is not None:
+            future = self.grammars.compile(params.structured)
+            self._compiling[request_id] = (future, time.monotonic())
+        else:
+            self.scheduler.add(seqs[0])
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Queue the structured requests whose grammar is ready; refuse those whose grammar failed
+        to compile, or took too long."""
+        refused = []
+        for request_id, (future, since) in list(self._compiling.items()):
+            if future.done() and future.exception() is None:
+                del self._compiling[request_id]
+                state = self._requests[request_id]
+                for seq in state.seqs:
+                    seq.grammar = self.grammars.matcher(future.result())
+                self.scheduler.add(state.seqs[0])
+                continue
+            if future.done():
+                error = str(future.exception())
+            elif time.monotonic() - since > GRAMMAR_COMPILE_TIMEOUT_S:
+                error = f"the grammar took over {GRAMMAR_COMPILE_TIMEOUT_S:.0f} s to compile"
+            else:
+                continue
+            del self._compiling[request_id]
+            state = self._requests.pop(request_id)
+            for seq in state.seqs:
+                seq.finish_reason = "abort"
+            refused.append(self._request_output(request_id, state, [], True, error))
+        return refused
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         state = self._requests.pop(request_id, None)
         if state is None:
             return None
+        queued = self._compiling.pop(request_id, None) is None
         outs = []
         for seq in state.seqs:
             if seq.finish_reason is None:
-                if seq not in state.pending:
+                if queued and seq not in state.pending:
                     self.scheduler.finish(seq, "abort")
                 seq.finish_reason = "abort"
                 outs.append(CompletionOutput(seq.index, "", [], None, "abort"))
         return self._request_output(request_id, state, outs, finished=True)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._compiling)
 
     def check_health(self) -> None:
         """Raise if a tensor-parallel rank is gone."""
@@ -175,11 +212,15 @@ class LLMEngine:
                 logger.warning("tensor-parallel group broken at shutdown", exc_info=True)
             self.workers.shutdown()
             self.workers = None
+        self.grammars.shutdown()
 
     def step(self) -> list[RequestOutput]:
+        refused = self._admit_compiled() if self._compiling else []
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return []
+            if self._compiling:  # nothing else to do: wait for a grammar, without spinning
+                wait([f for f, _ in self._compiling.values()], 0.01, FIRST_COMPLETED)
+            return refused
         self.check_health()
         sampling = [s.seq for part in split_batch(out.scheduled) for s in part if s.samples]
         logits = self.runner.execute(out.scheduled)
@@ -192,13 +233,15 @@ class LLMEngine:
             per_request.setdefault(seq.request_id, []).append(
                 self._append_token(seq, result.token_ids[i], lp)
             )
-        return [self._finish_step(rid, outs) for rid, outs in per_request.items()]
+        return refused + [self._finish_step(rid, outs) for rid, outs in per_request.items()]
 
     def _append_token(
         self, seq: Sequence, token: int, lp: TokenLogprobs | None
     ) -> CompletionOutput:
         p = seq.params
         seq.token_ids.append(token)
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            logger.error("request %s: token %d broke its grammar", seq.request_id, token)
         state = self._requests[seq.request_id]
         if seq.index == 0 and state.pending:
             for sibling in state.pending:  # seq 0's prompt blocks are cached now: share them
@@ -213,6 +256,8 @@ class LLMEngine:
             reason, stop_reason = "stop", token
         elif can_stop and not p.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
+        elif seq.grammar is not None and seq.grammar.is_terminated():
+            reason = "stop"  # the grammar is complete: it ended on a stop token
         elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             reason = "length"
         elif seq.num_tokens >= self.max_seq_len:
@@ -236,7 +281,11 @@ class LLMEngine:
 
     @staticmethod
     def _request_output(
-        request_id: str, state: _RequestState, outs: list[CompletionOutput], finished: bool
+        request_id: str,
+        state: _RequestState,
+        outs: list[CompletionOutput],
+        finished: bool,
+        error: str | None = None,
     ) -> RequestOutput:
         first = state.seqs[0]
         return RequestOutput(
@@ -246,6 +295,7 @@ class LLMEngine:
             first.num_cached_tokens,
             sum(s.num_output_tokens for s in state.seqs),
             finished,
+            error,
         )
 
     def stats(self) -> dict[str, float]:

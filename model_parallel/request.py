@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+from model_parallel.structured import StructuredOutputSpec
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 MAX_LOGPROBS = 20
 
@@ -35,6 +40,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: the chosen token plus k top alternatives
     skip_special_tokens: bool = True
+    structured: StructuredOutputSpec | None = None  # the grammar the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -135,6 +141,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None  # seeded requests draw from their own stream
+    grammar: xgr.GrammarMatcher | None = None  # where a structured request stands in its grammar
 
     @property
     def num_tokens(self) -> int:
@@ -169,6 +176,7 @@ class RequestOutput:
     num_cached_tokens: int
     num_output_tokens: int  # across all choices so far
     finished: bool
+    error: str | None = None  # refused after it was queued (its grammar did not compile)
 
 
 def coalesce(a: RequestOutput, b: RequestOutput) -> RequestOutput:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from model_parallel.request import Logprob, Sequence, TokenLogprobs
+from model_parallel.structured import apply_bitmask, fill_bitmask
 
 
 class Penalties(NamedTuple):
@@ -32,6 +33,7 @@ class SamplingMetadata:
     penalties: Penalties | None
     generators: dict[int, torch.Generator]  # row -> its own stream
     max_logprobs: int | None  # the widest top_logprobs any row wants; None when no row wants any
+    grammar: tuple[torch.Tensor, torch.Tensor] | None  # constrained rows and their bitmask
 
     @classmethod
     def build(
@@ -48,6 +50,7 @@ class SamplingMetadata:
             return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
         wants_lp = [p.logprobs for p in ps if p.logprobs is not None]
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
         return cls(
             temperature=col([p.temperature if not g else 1.0 for p, g in zip(ps, greedy)]),
             greedy=torch.tensor(greedy, device=device),
@@ -65,13 +68,20 @@ class SamplingMetadata:
             else None,
             generators={i: s.generator for i, s in enumerate(seqs) if s.generator is not None},
             max_logprobs=max(wants_lp) if wants_lp else None,
+            grammar=(
+                torch.tensor(constrained, device=device),
+                fill_bitmask([seqs[i].grammar for i in constrained], vocab_size),
+            )
+            if constrained
+            else None,
         )
 
 
 def _additive(
     seqs: list[Sequence], eos_token_ids: tuple[int, ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """logit_bias entries, and -inf on EOS/stop ids while a row is still under min_tokens."""
+    """logit_bias entries, and -inf on EOS/stop ids while a row is still under min_tokens (unless
+    a grammar decides when it ends)."""
     rows: list[int] = []
     cols: list[int] = []
     vals: list[float] = []
@@ -79,7 +89,7 @@ def _additive(
         p = s.params
         for token, bias in (p.logit_bias or {}).items():
             rows.append(i), cols.append(token), vals.append(bias)
-        if s.num_output_tokens < p.min_tokens:
+        if s.num_output_tokens < p.min_tokens and s.grammar is None:
             banned = set(p.stop_token_ids) | set(eos_token_ids)
             rows.extend([i] * len(banned)), cols.extend(banned)
             vals.extend([float("-inf")] * len(banned))
@@ -136,6 +146,8 @@ class Sampler:
 
     @staticmethod
     def _process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        if md.grammar is not None:
+            apply_bitmask(logits, *md.grammar)
         if md.additive is not None:
             rows, cols, vals = md.additive
             logits.index_put_((rows, cols), vals, accumulate=True)
