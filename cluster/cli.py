@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
@@ -96,6 +97,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, default=ModelDeployment().max_queued_requests)
     p.add_argument("--address", default=None, help="join a running Ray cluster ('auto')")
     p.add_argument("--allow-request-chat-template", action="store_true")
+    p.add_argument(
+        "--override-generation-config",
+        type=json.loads,
+        default=None,
+        help="sampling defaults for fields a request omits, e.g. '{\"temperature\": 0.2}'",
+    )
 
 
 def _app_config(args: argparse.Namespace) -> AppConfig:
@@ -121,6 +128,7 @@ def _app_config(args: argparse.Namespace) -> AppConfig:
         num_replicas=args.num_replicas,
         autoscaling_config=autoscaling,
         max_queued_requests=args.max_queued_requests,
+        generation_config=args.override_generation_config,
     )
     server = ServerSettings(
         api_key=args.api_key, allow_request_chat_template=args.allow_request_chat_template

@@ -3,10 +3,15 @@ fields -> SamplingParams, and engine outputs -> OpenAI choices, logprobs and usa
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from model_parallel.request import CompletionOutput, SamplingParams, TokenLogprobs
+from model_parallel.structured import StructuredOutputSpec
+from serving.config import GENERATION_DEFAULT_KEYS
 from serving.protocol import ChatCompletionRequest, OpenAIError, SamplingFields
+from serving.tool_calls import ToolPlan, prompt_messages
 
 # apply_chat_template arguments a request must not reach through chat_template_kwargs
 RESERVED_TEMPLATE_KWARGS = frozenset(
@@ -32,12 +37,7 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 
 
 def check_supported(req: ChatCompletionRequest, allow_request_template: bool) -> None:
-    """Refuse, with a 400 that says so, what this server does not do yet."""
-    if req.tools or req.tool_choice not in (None, "none"):
-        raise OpenAIError("tools and tool_choice are not supported yet", param="tools")
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise OpenAIError(f"response_format {fmt!r} is not supported yet", param="response_format")
+    """Refuse what the operator does not allow, with a 400 that says so."""
     if req.chat_template is not None and not allow_request_template:
         raise OpenAIError(
             "a request-supplied chat_template is not allowed on this server", param="chat_template"
@@ -63,12 +63,31 @@ def _message(m: Any) -> dict[str, Any]:
     return out
 
 
-def render_chat(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
-    """The prompt ids. Templates render in transformers' immutable Jinja sandbox."""
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def render_chat(tokenizer: Any, req: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+    """The prompt ids. Templates render in transformers' immutable Jinja sandbox; a template that
+    has no place for tools gets them, and the turns that carry calls, as text."""
+    messages = [_message(m) for m in req.messages]
+    template = req.chat_template or tokenizer.chat_template or ""
+    tools: dict[str, Any] = {}
+    if "tools" in template:  # such templates take a call's arguments as an object
+        tools = {"tools": [{"type": "function", "function": f} for f in plan.tools] or None}
+        for m in messages:
+            for tc in m.get("tool_calls", []):
+                tc["function"]["arguments"] = _arguments_object(tc["function"]["arguments"])
+    else:
+        messages = prompt_messages(messages, plan)
     try:
         text = tokenizer.apply_chat_template(
-            [_message(m) for m in req.messages],
+            messages,
             chat_template=req.chat_template,
+            **tools,
             tokenize=False,
             add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message,
@@ -81,21 +100,39 @@ def render_chat(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def generation_defaults(model_path: Path, overrides: dict[str, float] | None) -> dict[str, float]:
+    """Sampling defaults as vLLM takes them: the model's generation_config.json, then the
+    operator's overrides."""
+    found: dict[str, float] = {}
+    try:
+        found = json.loads((model_path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        pass
+    defaults = {k: found[k] for k in GENERATION_DEFAULT_KEYS if k in found}
+    return defaults | (overrides or {})
+
+
 def sampling_params(
-    req: SamplingFields, max_tokens: int | None, logprobs: int | None
+    req: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    structured: StructuredOutputSpec | None = None,
+    defaults: dict[str, float] | None = None,
 ) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    given = {k: getattr(req, k) for k in GENERATION_DEFAULT_KEYS if k in req.model_fields_set}
+    picked = {"temperature": 1.0, "top_p": 1.0, **(defaults or {}), **given}
     try:
         return SamplingParams(
             n=req.n,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p,
+            temperature=1.0 if picked["temperature"] is None else picked["temperature"],
+            top_p=1.0 if picked["top_p"] is None else picked["top_p"],
+            top_k=picked.get("top_k") or 0,
+            min_p=picked.get("min_p", 0.0),
             seed=req.seed,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
+            repetition_penalty=picked.get("repetition_penalty", 1.0),
             logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
             max_tokens=max_tokens,
             min_tokens=req.min_tokens,
@@ -104,6 +141,7 @@ def sampling_params(
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            structured=structured,
         )
     except ValueError as e:
         raise OpenAIError(str(e), param=str(e).split(" ", 1)[0]) from e

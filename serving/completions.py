@@ -16,6 +16,7 @@ from model_parallel.request import RequestOutput
 from serving.chat import merge_choice, sampling_params, usage
 from serving.protocol import CompletionRequest, OpenAIError
 from serving.streams import first_output, prepend, sse
+from serving.structured_outputs import requested_guide
 
 if TYPE_CHECKING:
     from serving.ingress import ModelEntry, OpenAIIngress
@@ -60,7 +61,10 @@ class CompletionsHandler:
                     f"prompt token ids must be in [0, {vocab}) and non-empty", param="prompt"
                 )
             await ing.check_prompt(entry, p, "prompt")
-        params = sampling_params(req, req.max_tokens, req.logprobs)
+        guide = requested_guide(req)
+        if guide is not None:
+            await ing.check_guide(guide, "structured_outputs")
+        params = sampling_params(req, req.max_tokens, req.logprobs, guide, entry.defaults)
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = [
             entry.handle.options(stream=True).generate.remote(f"{rid}-{i}", p, params)

@@ -19,6 +19,9 @@ class ServerSettings:
     max_n: int = 16
 
 
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelDeployment:
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -27,6 +30,17 @@ class ModelDeployment:
     autoscaling_config: dict[str, Any] | None = None  # Serve's; replaces num_replicas
     max_queued_requests: int = 256  # beyond it, a 503 with Retry-After
     cpus_per_replica: int | None = None  # None: every core of the node on CPU, 1 with GPUs or TP
+    # Sampling defaults for the fields a request leaves out, over the model's own
+    # generation_config.json (vLLM's --override-generation-config), e.g. {"temperature": 0.2}.
+    generation_config: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.generation_config or {}) - set(GENERATION_DEFAULT_KEYS)
+        if unknown:
+            raise ValueError(
+                f"generation_config may set {', '.join(GENERATION_DEFAULT_KEYS)}; "
+                f"not {', '.join(sorted(unknown))}"
+            )
 
     @property
     def name(self) -> str:
@@ -58,6 +72,7 @@ _MODEL_KEYS = {
     "autoscaling_config",
     "max_queued_requests",
     "cpus_per_replica",
+    "generation_config",
 }
 _SERVER_KEYS = set(ServerSettings.__dataclass_fields__)
 
@@ -94,6 +109,7 @@ def _model_from_dict(d: dict[str, Any]) -> ModelDeployment:
                 "autoscaling_config",
                 "max_queued_requests",
                 "cpus_per_replica",
+                "generation_config",
             )
             if k in d
         },

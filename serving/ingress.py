@@ -19,20 +19,24 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from model_parallel.loader import resolve_model_path
-from model_parallel.request import RequestOutput
+from model_parallel.request import CompletionOutput, RequestOutput
+from model_parallel.structured import StructuredOutputSpec, build_grammar
 from serving.chat import (
     LogprobFormatter,
     check_supported,
+    generation_defaults,
     merge_choice,
     render_chat,
     sampling_params,
     usage,
 )
 from serving.completions import CompletionsHandler
-from serving.config import AppConfig
+from serving.config import AppConfig, ModelDeployment
 from serving.metrics import metrics_store
 from serving.protocol import ChatCompletionRequest, OpenAIError, from_validation_error
 from serving.streams import first_output, prepend, sse
+from serving.structured_outputs import requested_guide
+from serving.tool_calls import ToolCallParser, ToolPlan, plan_tools
 
 app = FastAPI(title="llmcluster", docs_url=None, redoc_url=None)
 
@@ -40,11 +44,13 @@ app = FastAPI(title="llmcluster", docs_url=None, redoc_url=None)
 class ModelEntry:
     """What the ingress keeps per served model."""
 
-    def __init__(self, name: str, handle: Any, model: str, cache_dir: str | None):
+    def __init__(self, deployment: ModelDeployment, handle: Any):
         from transformers import AutoTokenizer
 
-        self.name, self.handle = name, handle
-        self.path = resolve_model_path(model, cache_dir)
+        self.name, self.handle = deployment.name, handle
+        model = deployment.engine.model
+        self.path = resolve_model_path(model.model, model.cache_dir)
+        self.defaults = generation_defaults(self.path, deployment.generation_config)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.logprobs = LogprobFormatter(self.tokenizer)
         self.info: dict[str, Any] | None = None
@@ -66,15 +72,48 @@ async def guarded(handler: Callable[[Request], Any], request: Request) -> Respon
         return JSONResponse(err.body(), 500)
 
 
-class ChatView:
-    """Engine outputs -> chat.completion or chat.completion.chunk dicts for one request."""
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
-    def __init__(self, rid: str, req: ChatCompletionRequest, fmt: LogprobFormatter):
-        self.rid, self.req, self.fmt = rid, req, fmt
+
+def finish_reason(reason: str | None, parser: ToolCallParser | None) -> str | None:
+    return "tool_calls" if reason == "stop" and parser is not None and parser.calls else reason
+
+
+class ChatView:
+    """Engine outputs -> chat.completion or chat.completion.chunk dicts for one request; with
+    tools, each choice's text goes through a ToolCallParser (the same one whole and streamed)."""
+
+    def __init__(self, rid: str, req: ChatCompletionRequest, fmt: LogprobFormatter, plan: ToolPlan):
+        self.rid, self.req, self.fmt, self.plan = rid, req, fmt, plan
         self.created = int(time.time())
+        self.parsers: dict[int, ToolCallParser] = {}
+
+    def _parser(self, index: int) -> ToolCallParser | None:
+        if not self.plan.parses_calls:
+            return None
+        return self.parsers.setdefault(index, ToolCallParser(new_call_id))
 
     def _logprobs(self, lps: list | None) -> dict[str, Any] | None:
         return {"content": self.fmt.chat(lps or [])} if self.req.logprobs else None
+
+    def _message(self, index: int, text: str) -> dict[str, Any]:
+        parser = self._parser(index)
+        if parser is None:
+            return {"role": "assistant", "content": text}
+        content = parser.feed(text, final=True).content
+        message: dict[str, Any] = {"role": "assistant", "content": content or None}
+        calls = [c for c in parser.calls if c.complete]  # not one that max_tokens cut off
+        if calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in calls
+            ]
+        return message
 
     def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
         acc: dict[int, dict[str, Any]] = {}
@@ -85,9 +124,9 @@ class ChatView:
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(e["text"])},
+                "message": self._message(i, "".join(e["text"])),
                 "logprobs": self._logprobs(e["logprobs"]),
-                "finish_reason": e["finish_reason"],
+                "finish_reason": finish_reason(e["finish_reason"], self.parsers.get(i)),
                 "stop_reason": e.get("stop_reason"),
             }
             for i, e in sorted(acc.items())
@@ -117,6 +156,26 @@ class ChatView:
     def _include_usage(self) -> bool:
         return bool(self.req.stream_options and self.req.stream_options.include_usage)
 
+    def _delta(self, c: CompletionOutput) -> dict[str, Any]:
+        parser = self._parser(c.index)
+        if parser is None:
+            return {"content": c.text} if c.text else {}
+        ev = parser.feed(c.text, final=c.finish_reason is not None)
+        delta: dict[str, Any] = {"content": ev.content} if ev.content else {}
+        calls = []
+        for k in sorted(set(ev.opened) | set(ev.arguments)):
+            piece: dict[str, Any] = {"index": k}
+            if k in ev.opened:
+                call = parser.calls[k]
+                piece |= {"id": call.id, "type": "function"}
+                piece["function"] = {"name": call.name, "arguments": ev.arguments.get(k, "")}
+            else:
+                piece["function"] = {"arguments": ev.arguments[k]}
+            calls.append(piece)
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
     async def chunks(
         self, first: RequestOutput, rest: AsyncIterator[RequestOutput]
     ) -> AsyncIterator[dict[str, Any]]:
@@ -134,16 +193,20 @@ class ChatView:
         last = first
         async for out in prepend(first, rest):
             last = out
-            choices = [
-                {
-                    "index": c.index,
-                    "delta": {"content": c.text} if c.text else {},
-                    "logprobs": self._logprobs(c.logprobs) if c.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in last.outputs
-                if c.text or c.finish_reason or c.logprobs
-            ]
+            choices = []
+            for c in last.outputs:
+                delta = self._delta(c)
+                if delta or c.finish_reason or c.logprobs:
+                    choices.append(
+                        {
+                            "index": c.index,
+                            "delta": delta,
+                            "logprobs": self._logprobs(c.logprobs) if c.logprobs else None,
+                            "finish_reason": finish_reason(
+                                c.finish_reason, self.parsers.get(c.index)
+                            ),
+                        }
+                    )
             if choices:
                 yield self._chunk(choices)
         if self._include_usage:
@@ -160,12 +223,7 @@ class ChatView:
 class OpenAIIngress:
     def __init__(self, config: AppConfig, handles: dict[str, Any]):
         self.settings = config.server
-        self.models = {
-            m.name: ModelEntry(
-                m.name, handles[m.name], m.engine.model.model, m.engine.model.cache_dir
-            )
-            for m in config.models
-        }
+        self.models = {m.name: ModelEntry(m, handles[m.name]) for m in config.models}
         self.metrics = metrics_store(config.name)
         self.completions = CompletionsHandler(self)
 
@@ -211,6 +269,21 @@ class OpenAIIngress:
                 f"the model {name!r} does not exist", 404, param="model", code="model_not_found"
             )
         return entry
+
+    async def bounded(self, fn: Callable[..., Any], *args: Any, what: str, param: str) -> Any:
+        """Request-driven work (templates, grammars) off the event loop, with a time bound; a
+        ValueError from it is the request's fault."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(fn, *args), self.settings.template_timeout_s
+            )
+        except TimeoutError as e:
+            raise OpenAIError(f"{what} took too long to process", param=param) from e
+        except ValueError as e:
+            raise OpenAIError(str(e), param=param) from e
+
+    async def check_guide(self, guide: StructuredOutputSpec, param: str) -> None:
+        await self.bounded(build_grammar, guide, what="the structured output spec", param=param)
 
     async def check_prompt(self, entry: ModelEntry, prompt: list[int], param: str) -> None:
         limit = await entry.max_model_len()
@@ -291,23 +364,32 @@ class OpenAIIngress:
             raise OpenAIError(f"n must be in [1, {self.settings.max_n}]", param="n")
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
-        try:
-            prompt = await asyncio.wait_for(
-                asyncio.to_thread(render_chat, entry.tokenizer, req),
-                self.settings.template_timeout_s,
+        plan = plan_tools(req)
+        guide = requested_guide(req, req.response_format)
+        if guide is not None and plan.parses_calls:
+            raise OpenAIError(
+                "a structured output cannot be combined with tool calls (set tool_choice 'none')",
+                param="response_format",
             )
-        except TimeoutError as e:
-            raise OpenAIError("the chat template took too long to render", param="messages") from e
+        if guide is not None:
+            await self.check_guide(guide, "response_format")
+        elif (guide := plan.guide()) is not None:
+            await self.check_guide(guide, "tools")
+        prompt = await self.bounded(
+            render_chat, entry.tokenizer, req, plan, what="the chat template", param="messages"
+        )
         await self.check_prompt(entry, prompt, "messages")
         params = sampling_params(
             req,
             req.max_completion_tokens or req.max_tokens,
             (req.top_logprobs or 0) if req.logprobs else None,
+            guide,
+            entry.defaults,
         )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = entry.handle.options(stream=True).generate.remote(rid, prompt, params)
         first = await first_output(stream)
-        view = ChatView(rid, req, entry.logprobs)
+        view = ChatView(rid, req, entry.logprobs, plan)
         if req.stream:
             return StreamingResponse(
                 sse(view.chunks(first, stream), stream), media_type="text/event-stream"

@@ -1,8 +1,9 @@
 """A real Ray Serve app on loopback, started once for the e2e package, with an API key; a second
-ingress without a key ("/open") shares the same LLMServer."""
+ingress without a key ("/open", greedy by default) shares the same LLMServer."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Iterator
 
@@ -41,7 +42,13 @@ def server() -> Iterator[str]:
     port = free_port()
     url = deploy(config, "127.0.0.1", port, None)
     handle = serve.get_deployment_handle(f"LLMServer:{MODEL}", app_name=config.name)
-    open_config = AppConfig(models=(model,), server=ServerSettings(), name="open")
+    # The keyless ingress answers greedily, with a mild repetition penalty, where a request leaves
+    # them out (an operator's --override-generation-config): the seed's examples, which set
+    # neither, then give the same answer on every run.
+    greedy = dataclasses.replace(
+        model, generation_config={"temperature": 0.0, "repetition_penalty": 1.1}
+    )
+    open_config = AppConfig(models=(greedy,), server=ServerSettings(), name="open")
     serve.run(OpenAIIngress.bind(open_config, {MODEL: handle}), name="open", route_prefix="/open")
     try:
         yield url

@@ -175,3 +175,14 @@ def test_completions_api(client) -> None:  # noqa: ANN001
         )
     )
     assert any(c.choices and c.choices[0].logprobs for c in chunks)
+
+
+def test_cached_tokens_reported_from_the_prefix_cache(client) -> None:  # noqa: ANN001
+    system = "You are a careful assistant for a bakery. Answer in one short sentence. " * 4
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Hours?"}]
+    first = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
+    msgs[1]["content"] = "Do you sell bread?"
+    second = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 48 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details is not None

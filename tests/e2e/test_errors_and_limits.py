@@ -40,8 +40,43 @@ def post(
         ({"messages": MSG}, "model"),
         ({"model": MODEL, "messages": MSG, "temperature": "hot"}, "temperature"),
         ({"model": MODEL, "messages": MSG, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": MODEL, "messages": MSG, "response_format": {"type": "xml"}}, "response_format"),
         (
-            {"model": MODEL, "messages": MSG, "response_format": {"type": "json_object"}},
+            {
+                "model": MODEL,
+                "messages": MSG,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "frobnicate"}},
+                },
+            },
+            "response_format",
+        ),
+        (
+            {"model": MODEL, "messages": MSG, "structured_outputs": {"regex": "(unclosed"}},
+            "structured_outputs",
+        ),
+        (
+            {"model": MODEL, "messages": MSG, "guided_choice": [], "guided_regex": "a"},
+            "guided_choice",
+        ),
+        ({"model": MODEL, "messages": MSG, "tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "model": MODEL,
+                "messages": MSG,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": MSG,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "response_format": {"type": "json_object"},
+            },
             "response_format",
         ),
         ({"model": MODEL, "messages": MSG, "chat_template": "{{ 7*7 }}"}, "chat_template"),
