@@ -61,9 +61,10 @@ class CompletionsHandler:
                     f"prompt token ids must be in [0, {vocab}) and non-empty", param="prompt"
                 )
             await ing.check_prompt(entry, p, "prompt")
-        guide = requested_guide(req)
-        if guide is not None:
-            await ing.check_guide(guide, "structured_outputs")
+        guide = None
+        if (asked := requested_guide(req)) is not None:
+            param, guide = asked
+            await ing.check_guide(guide, param)
         params = sampling_params(req, req.max_tokens, req.logprobs, guide, entry.defaults)
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = [

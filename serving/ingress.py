@@ -365,16 +365,15 @@ class OpenAIIngress:
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
         plan = plan_tools(req)
-        guide = requested_guide(req, req.response_format)
-        if guide is not None and plan.parses_calls:
+        asked = requested_guide(req, req.response_format)
+        if asked is not None and plan.parses_calls:
             raise OpenAIError(
                 "a structured output cannot be combined with tool calls (set tool_choice 'none')",
-                param="response_format",
+                param=asked[0],
             )
+        param, guide = asked or ("tools", plan.guide())
         if guide is not None:
-            await self.check_guide(guide, "response_format")
-        elif (guide := plan.guide()) is not None:
-            await self.check_guide(guide, "tools")
+            await self.check_guide(guide, param)
         prompt = await self.bounded(
             render_chat, entry.tokenizer, req, plan, what="the chat template", param="messages"
         )

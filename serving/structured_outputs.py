@@ -76,8 +76,9 @@ def _response_format(fmt: dict[str, Any]) -> StructuredOutputSpec | None:
 
 def requested_guide(
     req: SamplingFields, response_format: dict[str, Any] | None = None
-) -> StructuredOutputSpec | None:
-    """The one structured-output constraint a request asks for, or None."""
+) -> tuple[str, StructuredOutputSpec] | None:
+    """The one structured-output constraint a request asks for, with the field that asked for
+    it, or None."""
     found: list[tuple[str, StructuredOutputSpec | None]] = []
     if response_format is not None:
         found.append(("response_format", _response_format(response_format)))
@@ -98,4 +99,4 @@ def requested_guide(
             f"ask for one structured output at a time, not {', '.join(p for p, _ in found)}",
             param=found[1][0],
         )
-    return found[0][1] if found else None
+    return found[0] if found else None  # type: ignore[return-value]
