@@ -224,7 +224,13 @@ class LLMEngine:
         self.check_health()
         sampling = [s.seq for part in split_batch(out.scheduled) for s in part if s.samples]
         logits = self.runner.execute(out.scheduled)
-        md = SamplingMetadata.build(sampling, self.arch.vocab_size, self.eos_token_ids, self.device)
+        md = SamplingMetadata.build(
+            sampling,
+            self.arch.vocab_size,
+            self.eos_token_ids,
+            self.device,
+            self.grammars.bitmask(sampling),
+        )
         result = self.sampler(logits, md)
         self.scheduler.update(out)
         per_request: dict[str, list[CompletionOutput]] = {}

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 
 from model_parallel.request import Logprob, Sequence, TokenLogprobs
-from model_parallel.structured import apply_bitmask, fill_bitmask
+from model_parallel.structured import apply_bitmask
 
 
 class Penalties(NamedTuple):
@@ -33,7 +33,7 @@ class SamplingMetadata:
     penalties: Penalties | None
     generators: dict[int, torch.Generator]  # row -> its own stream
     max_logprobs: int | None  # the widest top_logprobs any row wants; None when no row wants any
-    grammar: tuple[torch.Tensor, torch.Tensor] | None  # constrained rows and their bitmask
+    grammar: tuple[list[int], torch.Tensor] | None  # constrained rows, and the batch's bitmask
 
     @classmethod
     def build(
@@ -42,6 +42,7 @@ class SamplingMetadata:
         vocab_size: int,
         eos_token_ids: tuple[int, ...],
         device: torch.device,
+        grammar: tuple[list[int], torch.Tensor] | None = None,
     ) -> SamplingMetadata:
         ps = [s.params for s in seqs]
         greedy = [p.greedy for p in ps]
@@ -50,7 +51,6 @@ class SamplingMetadata:
             return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
         wants_lp = [p.logprobs for p in ps if p.logprobs is not None]
-        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
         return cls(
             temperature=col([p.temperature if not g else 1.0 for p, g in zip(ps, greedy)]),
             greedy=torch.tensor(greedy, device=device),
@@ -68,12 +68,7 @@ class SamplingMetadata:
             else None,
             generators={i: s.generator for i, s in enumerate(seqs) if s.generator is not None},
             max_logprobs=max(wants_lp) if wants_lp else None,
-            grammar=(
-                torch.tensor(constrained, device=device),
-                fill_bitmask([seqs[i].grammar for i in constrained], vocab_size),
-            )
-            if constrained
-            else None,
+            grammar=grammar,
         )
 
 

@@ -10,7 +10,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,24 +19,22 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from model_parallel.loader import resolve_model_path
-from model_parallel.request import CompletionOutput, RequestOutput
 from model_parallel.structured import StructuredOutputSpec, build_grammar
 from serving.chat import (
     LogprobFormatter,
     check_supported,
     generation_defaults,
-    merge_choice,
     render_chat,
     sampling_params,
-    usage,
 )
+from serving.chat_view import ChatView
 from serving.completions import CompletionsHandler
 from serving.config import AppConfig, ModelDeployment
 from serving.metrics import metrics_store
 from serving.protocol import ChatCompletionRequest, OpenAIError, from_validation_error
-from serving.streams import first_output, prepend, sse
+from serving.streams import first_output, sse
 from serving.structured_outputs import requested_guide
-from serving.tool_calls import ToolCallParser, ToolPlan, plan_tools
+from serving.tool_calls import plan_tools
 
 app = FastAPI(title="llmcluster", docs_url=None, redoc_url=None)
 
@@ -70,152 +68,6 @@ async def guarded(handler: Callable[[Request], Any], request: Request) -> Respon
     except Exception as e:  # noqa: BLE001
         err = OpenAIError(f"internal error: {e!r}"[:1000], 500, type="internal_error")
         return JSONResponse(err.body(), 500)
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def finish_reason(reason: str | None, parser: ToolCallParser | None) -> str | None:
-    return "tool_calls" if reason == "stop" and parser is not None and parser.calls else reason
-
-
-class ChatView:
-    """Engine outputs -> chat.completion or chat.completion.chunk dicts for one request; with
-    tools, each choice's text goes through a ToolCallParser (the same one whole and streamed)."""
-
-    def __init__(self, rid: str, req: ChatCompletionRequest, fmt: LogprobFormatter, plan: ToolPlan):
-        self.rid, self.req, self.fmt, self.plan = rid, req, fmt, plan
-        self.created = int(time.time())
-        self.parsers: dict[int, ToolCallParser] = {}
-
-    def _parser(self, index: int) -> ToolCallParser | None:
-        if not self.plan.parses_calls:
-            return None
-        return self.parsers.setdefault(index, ToolCallParser(new_call_id))
-
-    def _logprobs(self, lps: list | None) -> dict[str, Any] | None:
-        return {"content": self.fmt.chat(lps or [])} if self.req.logprobs else None
-
-    def _message(self, index: int, text: str) -> dict[str, Any]:
-        parser = self._parser(index)
-        if parser is None:
-            return {"role": "assistant", "content": text}
-        content = parser.feed(text, final=True).content
-        message: dict[str, Any] = {"role": "assistant", "content": content or None}
-        calls = [c for c in parser.calls if c.complete]  # not one that max_tokens cut off
-        if calls:
-            message["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                }
-                for c in calls
-            ]
-        return message
-
-    def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
-        acc: dict[int, dict[str, Any]] = {}
-        for out in outputs:
-            for c in out.outputs:
-                merge_choice(acc, c)
-        last = outputs[-1]
-        choices = [
-            {
-                "index": i,
-                "message": self._message(i, "".join(e["text"])),
-                "logprobs": self._logprobs(e["logprobs"]),
-                "finish_reason": finish_reason(e["finish_reason"], self.parsers.get(i)),
-                "stop_reason": e.get("stop_reason"),
-            }
-            for i, e in sorted(acc.items())
-        ]
-        return {
-            "id": self.rid,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.req.model,
-            "choices": choices,
-            "usage": usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens),
-        }
-
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        usage_field = {"usage": None} if self._include_usage else {}
-        return {
-            "id": self.rid,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.req.model,
-            "choices": choices,
-            **usage_field,
-            **extra,
-        }
-
-    @property
-    def _include_usage(self) -> bool:
-        return bool(self.req.stream_options and self.req.stream_options.include_usage)
-
-    def _delta(self, c: CompletionOutput) -> dict[str, Any]:
-        parser = self._parser(c.index)
-        if parser is None:
-            return {"content": c.text} if c.text else {}
-        ev = parser.feed(c.text, final=c.finish_reason is not None)
-        delta: dict[str, Any] = {"content": ev.content} if ev.content else {}
-        calls = []
-        for k in sorted(set(ev.opened) | set(ev.arguments)):
-            piece: dict[str, Any] = {"index": k}
-            if k in ev.opened:
-                call = parser.calls[k]
-                piece |= {"id": call.id, "type": "function"}
-                piece["function"] = {"name": call.name, "arguments": ev.arguments.get(k, "")}
-            else:
-                piece["function"] = {"arguments": ev.arguments[k]}
-            calls.append(piece)
-        if calls:
-            delta["tool_calls"] = calls
-        return delta
-
-    async def chunks(
-        self, first: RequestOutput, rest: AsyncIterator[RequestOutput]
-    ) -> AsyncIterator[dict[str, Any]]:
-        yield self._chunk(
-            [
-                {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                for i in range(self.req.n)
-            ]
-        )
-        last = first
-        async for out in prepend(first, rest):
-            last = out
-            choices = []
-            for c in last.outputs:
-                delta = self._delta(c)
-                if delta or c.finish_reason or c.logprobs:
-                    choices.append(
-                        {
-                            "index": c.index,
-                            "delta": delta,
-                            "logprobs": self._logprobs(c.logprobs) if c.logprobs else None,
-                            "finish_reason": finish_reason(
-                                c.finish_reason, self.parsers.get(c.index)
-                            ),
-                        }
-                    )
-            if choices:
-                yield self._chunk(choices)
-        if self._include_usage:
-            yield {
-                **self._chunk([]),
-                "usage": usage(
-                    last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens
-                ),
-            }
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
