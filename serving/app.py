@@ -43,9 +43,12 @@ def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
 def build_app(config: AppConfig) -> Application:
     handles = {m.name: llm_deployment(m, config.name) for m in config.models}
     # The ingress only waits on streams: Serve's default of 5 requests in flight would queue them.
-    return OpenAIIngress.options(
-        num_replicas=config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING
-    ).bind(config, handles)
+    scale: dict[str, Any] = {"num_replicas": config.ingress_replicas}
+    if config.ingress_autoscaling_config:  # the ingress scales on its own, apart from the models
+        scale = {"autoscaling_config": config.ingress_autoscaling_config}
+    return OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING, **scale).bind(
+        config, handles
+    )
 
 
 def app_builder(args: dict[str, Any]) -> Application:

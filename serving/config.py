@@ -52,6 +52,7 @@ class AppConfig:
     models: tuple[ModelDeployment, ...] = (ModelDeployment(),)
     server: ServerSettings = field(default_factory=ServerSettings)
     ingress_replicas: int = 1
+    ingress_autoscaling_config: dict[str, Any] | None = None  # Serve's; replaces ingress_replicas
     name: str = "llmcluster"
 
 
@@ -118,7 +119,7 @@ def _model_from_dict(d: dict[str, Any]) -> ModelDeployment:
 
 def config_from_dict(d: dict[str, Any]) -> AppConfig:
     """A Serve YAML application's `args` (or `llmcluster serve --config`) -> AppConfig."""
-    known = {"models", "name", "ingress_replicas"} | _SERVER_KEYS
+    known = {"models", "name", "ingress_replicas", "ingress_autoscaling_config"} | _SERVER_KEYS
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -128,5 +129,6 @@ def config_from_dict(d: dict[str, Any]) -> AppConfig:
         models=models,
         server=server,
         ingress_replicas=d.get("ingress_replicas", 1),
+        ingress_autoscaling_config=d.get("ingress_autoscaling_config"),
         name=d.get("name", "llmcluster"),
     )
