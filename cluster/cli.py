@@ -116,12 +116,9 @@ def _app_config(args: argparse.Namespace) -> AppConfig:
     autoscaling = None
     if args.min_replicas is not None or args.max_replicas is not None:
         lo = args.min_replicas if args.min_replicas is not None else 1
-        autoscaling = {
-            "min_replicas": lo,
-            "max_replicas": args.max_replicas or lo,
-            "target_ongoing_requests": args.target_ongoing_requests
-            or max(1, args.max_num_seqs // 2),
-        }
+        autoscaling = {"min_replicas": lo, "max_replicas": args.max_replicas or lo}
+        if args.target_ongoing_requests is not None:  # else half the engine's batch (serving.app)
+            autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
     model = ModelDeployment(
         engine=engine,
         served_model_name=args.served_model_name,

@@ -28,13 +28,19 @@ def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
         "max_queued_requests": m.max_queued_requests,
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,
+        # A replica that leaves (scale-down, redeploy) gets no new requests and finishes its
+        # streams for up to this long.
+        "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0},
     }
     if par.tensor_parallel_size > 1:  # rank 0 (the replica) takes bundle 0, workers the rest
         options["placement_group_bundles"] = [bundle] * par.tensor_parallel_size
         options["placement_group_strategy"] = "STRICT_PACK"
     if m.autoscaling_config:
-        options["autoscaling_config"] = m.autoscaling_config
+        # Serve's default target of 2 ongoing requests would scale out a replica that batches
+        # max_num_seqs sequences long before it is busy: aim at half its batch unless told.
+        target = max(1, m.engine.scheduler.max_num_seqs // 2)
+        options["autoscaling_config"] = {"target_ongoing_requests": target, **m.autoscaling_config}
     else:
         options["num_replicas"] = m.num_replicas
     return serve.deployment(LLMServer).options(**options).bind(m.engine, m.name, app_name, cpus)

@@ -33,6 +33,7 @@ class ModelDeployment:
     # Sampling defaults for the fields a request leaves out, over the model's own
     # generation_config.json (vLLM's --override-generation-config), e.g. {"temperature": 0.2}.
     generation_config: dict[str, float] | None = None
+    graceful_shutdown_timeout_s: float = 300.0  # how long a leaving replica finishes its streams
 
     def __post_init__(self) -> None:
         unknown = set(self.generation_config or {}) - set(GENERATION_DEFAULT_KEYS)
@@ -74,6 +75,7 @@ _MODEL_KEYS = {
     "max_queued_requests",
     "cpus_per_replica",
     "generation_config",
+    "graceful_shutdown_timeout_s",
 }
 _SERVER_KEYS = set(ServerSettings.__dataclass_fields__)
 
@@ -111,6 +113,7 @@ def _model_from_dict(d: dict[str, Any]) -> ModelDeployment:
                 "max_queued_requests",
                 "cpus_per_replica",
                 "generation_config",
+                "graceful_shutdown_timeout_s",
             )
             if k in d
         },

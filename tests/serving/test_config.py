@@ -57,3 +57,16 @@ def test_unknown_keys_are_refused() -> None:
         config_from_dict({"modles": []})
     with pytest.raises(ValueError, match="unknown model keys"):
         config_from_dict({"models": [{"modle": "x"}]})
+
+
+def test_llm_deployment_options_follow_the_engine() -> None:
+    from serving.app import llm_deployment
+    from serving.config import ModelDeployment
+
+    scaled = ModelDeployment(autoscaling_config={"min_replicas": 1, "max_replicas": 2})
+    cfg = llm_deployment(scaled, "app")._bound_deployment._deployment_config
+    assert cfg.autoscaling_config.target_ongoing_requests == 64  # half of max_num_seqs 128
+    assert cfg.max_ongoing_requests == 128 and cfg.graceful_shutdown_timeout_s == 300
+    told = ModelDeployment(autoscaling_config={"max_replicas": 3, "target_ongoing_requests": 8})
+    cfg = llm_deployment(told, "app")._bound_deployment._deployment_config
+    assert cfg.autoscaling_config.target_ongoing_requests == 8
