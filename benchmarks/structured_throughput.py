@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 from engine_throughput import chat_prompts
 
@@ -36,26 +37,9 @@ LONG_LIST = {
     },
     "required": ["items"],
 }
-PROFILE = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 40},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "role": {"type": "string", "enum": ["admin", "editor", "viewer"]},
-        "address": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 40},
-                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-            },
-            "required": ["city", "zip"],
-            "additionalProperties": False,
-        },
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
-    },
-    "required": ["name", "age", "role", "address", "tags"],
-    "additionalProperties": False,
-}
+PROFILE = json.loads(
+    (Path(__file__).parents[1] / "tests" / "e2e" / "profile.schema.json").read_text()
+)  # the e2e tests' schema
 WEATHER = {
     "type": "function",
     "function": {
