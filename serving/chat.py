@@ -120,13 +120,17 @@ def sampling_params(
     defaults: dict[str, float] | None = None,
 ) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    given = {k: getattr(req, k) for k in GENERATION_DEFAULT_KEYS if k in req.model_fields_set}
+    given = {
+        k: v
+        for k in req.model_fields_set.intersection(GENERATION_DEFAULT_KEYS)
+        if (v := getattr(req, k)) is not None  # null, as in OpenAI's API, means the default
+    }
     picked = {"temperature": 1.0, "top_p": 1.0, **(defaults or {}), **given}
     try:
         return SamplingParams(
             n=req.n,
-            temperature=1.0 if picked["temperature"] is None else picked["temperature"],
-            top_p=1.0 if picked["top_p"] is None else picked["top_p"],
+            temperature=picked["temperature"],
+            top_p=picked["top_p"],
             top_k=picked.get("top_k") or 0,
             min_p=picked.get("min_p", 0.0),
             seed=req.seed,

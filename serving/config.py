@@ -70,13 +70,9 @@ _MODEL_KEYS = {
     "enable_prefix_caching",
     "max_num_seqs",
     "max_num_batched_tokens",
-    "num_replicas",
-    "autoscaling_config",
-    "max_queued_requests",
-    "cpus_per_replica",
-    "generation_config",
-    "graceful_shutdown_timeout_s",
 }
+_DEPLOYMENT_KEYS = tuple(k for k in ModelDeployment.__dataclass_fields__ if k != "engine")
+_MODEL_KEYS |= set(_DEPLOYMENT_KEYS)
 _SERVER_KEYS = set(ServerSettings.__dataclass_fields__)
 
 
@@ -102,22 +98,7 @@ def _model_from_dict(d: dict[str, Any]) -> ModelDeployment:
         scheduler=pick(SchedulerConfig),
         parallel=pick(ParallelConfig),
     )
-    return ModelDeployment(
-        engine=engine,
-        **{
-            k: d[k]
-            for k in (
-                "served_model_name",
-                "num_replicas",
-                "autoscaling_config",
-                "max_queued_requests",
-                "cpus_per_replica",
-                "generation_config",
-                "graceful_shutdown_timeout_s",
-            )
-            if k in d
-        },
-    )
+    return ModelDeployment(engine=engine, **{k: d[k] for k in _DEPLOYMENT_KEYS if k in d})
 
 
 def config_from_dict(d: dict[str, Any]) -> AppConfig:

@@ -223,8 +223,9 @@ class OpenAIIngress:
                 "a structured output cannot be combined with tool calls (set tool_choice 'none')",
                 param=asked[0],
             )
-        param, guide = asked or ("tools", plan.guide())
-        if guide is not None:
+        guide = plan.guide()  # plan_tools checked each function's schema
+        if asked is not None:
+            param, guide = asked
             await self.check_guide(guide, param)
         prompt = await self.bounded(
             render_chat, entry.tokenizer, req, plan, what="the chat template", param="messages"
