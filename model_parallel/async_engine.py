@@ -45,14 +45,20 @@ class _AsyncFrontEnd:
         return self._stopped or self._error is not None
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        output_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Streams the request's outputs, one per step. Closing the iterator early aborts it."""
+        """Streams the request's outputs, one per step. Closing the iterator early aborts it.
+        `output_token_ids` continues a request (see LLMEngine.add_request)."""
         self.check_health()
-        validate_request(prompt_token_ids, sampling_params, self.limits)
+        prior = list(output_token_ids or ())
+        validate_request(list(prompt_token_ids) + prior, sampling_params, self.limits)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._submit("add", (request_id, list(prompt_token_ids), sampling_params))
+        self._submit("add", (request_id, list(prompt_token_ids), sampling_params, prior))
         finished = False
         try:
             while not finished:
@@ -99,9 +105,9 @@ def _drain(engine: LLMEngine, commands: Any, block: bool, on_error: Any) -> bool
             return True
         block = False
         if kind == "add":
-            request_id, prompt, params = payload
+            request_id, prompt, params, prior = payload
             try:
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, prior)
             except ValueError as e:
                 on_error(request_id, e)
         elif kind == "abort":

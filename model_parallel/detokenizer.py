@@ -49,6 +49,13 @@ class IncrementalDetokenizer:
                 return s
         return None
 
+    def replay(self, token_ids: list[int]) -> None:
+        """Take in tokens whose text the client already has (a continued request), so that the
+        next delta starts where the client's text ends."""
+        for token_id in token_ids:
+            self.add(token_id, check_stop=False)
+        self.delta(final=False)
+
     def delta(self, final: bool) -> str:
         """New text safe to show: all of it once the sequence is done."""
         end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)

@@ -127,9 +127,18 @@ class LLMEngine:
         validate_request(prompt_token_ids, params, self.limits)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: list[int] | None = None,
     ) -> None:
-        self.validate(prompt_token_ids, params)
+        """`output_token_ids` continues a request another replica began (n == 1): they count as
+        output for max_tokens, penalties, stops and grammars, and their text is not sent again."""
+        prompt, prior = list(prompt_token_ids), list(output_token_ids or ())
+        if prior and params.n != 1:
+            raise ValueError("only a request with n == 1 can be continued")
+        self.validate(prompt + prior, params)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
         seqs, detoks = [], []
@@ -138,18 +147,18 @@ class LLMEngine:
                 next(self._seq_ids),
                 request_id,
                 i,
-                list(prompt_token_ids),
-                len(prompt_token_ids),
+                prompt + prior,
+                len(prompt),
                 params,
             )
             if params.seed is not None:
-                seq.generator = torch.Generator(self.device).manual_seed(params.seed + i)
+                seq.generator = torch.Generator(self.device)
             seqs.append(seq)
-            detoks.append(
-                IncrementalDetokenizer(
-                    self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens
-                )
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt, params.stop, params.skip_special_tokens
             )
+            detok.replay(prior)
+            detoks.append(detok)
         self._requests[request_id] = _RequestState(seqs, detoks, pending=seqs[1:])
         if params.structured is not None:
             future = self.grammars.compile(params.structured)
@@ -167,6 +176,8 @@ class LLMEngine:
                 state = self._requests[request_id]
                 for seq in state.seqs:
                     seq.grammar = self.grammars.matcher(future.result())
+                    for token in seq.output_token_ids:  # a continuation's tokens so far
+                        seq.grammar.accept_token(token)
                 self.scheduler.add(state.seqs[0])
                 continue
             if future.done():

@@ -155,6 +155,14 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
+    def step_generator(self) -> torch.Generator | None:
+        """A seeded sequence's random stream for its next token, derived from (seed, choice,
+        position) alone: a request continued elsewhere draws what it would have drawn here."""
+        if self.generator is None:
+            return None
+        key = hash((self.params.seed, self.index, self.num_output_tokens)) & ((1 << 63) - 1)
+        return self.generator.manual_seed(key)
+
 
 @dataclass(slots=True)
 class CompletionOutput:

@@ -66,7 +66,7 @@ class SamplingMetadata:
             penalties=_penalties(seqs, vocab_size, device)
             if any(p.needs_penalties for p in ps)
             else None,
-            generators={i: s.generator for i, s in enumerate(seqs) if s.generator is not None},
+            generators={i: g for i, s in enumerate(seqs) if (g := s.step_generator()) is not None},
             max_logprobs=max(wants_lp) if wants_lp else None,
             grammar=grammar,
         )

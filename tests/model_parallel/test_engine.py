@@ -4,12 +4,14 @@ validation, batch invariance and the async surface."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 import torch
 
 from model_parallel.async_engine import AsyncEngine, ProcessEngine
 from model_parallel.request import SamplingParams
+from model_parallel.structured import StructuredOutputSpec
 from tests.conftest import assert_pool_full, run_all, text_of, tokens_of
 
 pytestmark = pytest.mark.slow
@@ -99,6 +101,70 @@ def test_abort_mid_generation_frees_blocks(engine_fp32, prompts) -> None:
         assert out.finished and out.outputs[0].finish_reason == "abort"
     assert not engine_fp32.has_unfinished()
     assert_pool_full(engine_fp32)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        greedy(max_tokens=30, repetition_penalty=1.3, stop=["\n\n"]),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=7, frequency_penalty=0.5, max_tokens=30),
+        greedy(max_tokens=40, structured=StructuredOutputSpec("json_object", "")),
+    ],
+    ids=["greedy-penalized", "seeded", "json"],
+)
+def test_a_continued_request_goes_on_as_the_original(engine_fp32, prompts, params) -> None:
+    """What a replica's successor does with the tokens a client already has: the rest of the
+    tokens and text are those the undisturbed request would have produced."""
+    full = run_all(engine_fp32, {"f": (prompts[2], params)})["f"]
+    ids = tokens_of(full)
+    k = len(ids) // 2
+    sent = "".join(c.text for o in full[:k] for c in o.outputs)
+    rest = run_all(engine_fp32, {"c": (prompts[2], params, ids[:k])})["c"]
+    assert ids[:k] + tokens_of(rest) == ids
+    assert sent + text_of(rest) == text_of(full)
+    assert rest[-1].num_output_tokens == full[-1].num_output_tokens
+    assert rest[-1].outputs[-1].finish_reason == full[-1].outputs[-1].finish_reason
+
+
+def test_random_arrivals_aborts_and_preemptions_leave_the_pool_full(make_engine) -> None:
+    """A small pool (preemptions), n > 1, grammars, and aborts at any moment: whatever happens,
+    every block comes back."""
+    rng = random.Random(1)
+    engine = make_engine(num_blocks=24, max_num_seqs=8, max_num_batched_tokens=64)
+    base = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me a story."}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    live: set[str] = set()
+    for step in range(150):
+        if rng.random() < 0.3 and len(live) < 12:
+            rid = f"r{step}"
+            engine.add_request(
+                rid,
+                base + [rng.randrange(1000, 2000) for _ in range(rng.randrange(40))],
+                SamplingParams(
+                    n=rng.choice([1, 1, 2, 3]),
+                    temperature=rng.choice([0.0, 1.0]),
+                    max_tokens=rng.randrange(1, 40),
+                    structured=StructuredOutputSpec("json_object", "")
+                    if rng.random() < 0.1
+                    else None,
+                ),
+            )
+            live.add(rid)
+        if live and rng.random() < 0.15:
+            rid = rng.choice(sorted(live))
+            engine.abort_request(rid)
+            live.discard(rid)
+        live -= {out.request_id for out in engine.step() if out.finished}
+    for rid in live:
+        engine.abort_request(rid)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0
+    assert_pool_full(engine)
 
 
 @pytest.mark.parametrize(
