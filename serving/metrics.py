@@ -97,7 +97,7 @@ class EngineMetrics:
         }
 
 
-def render(model: str, replicas: list[dict[str, Any]]) -> str:
+def render(model: str, replicas: list[dict[str, Any]], resumed: int = 0) -> str:
     """Prometheus text for one model from its replicas' stats."""
     lbl = f'model_name="{model}"'
     lines: list[str] = []
@@ -122,6 +122,12 @@ def render(model: str, replicas: list[dict[str, Any]]) -> str:
     )
     for name, kind, help_, source, key in SUMMED:
         metric(name, kind, help_, [(lbl, total(req if source == "requests" else eng, key))])
+    metric(
+        "request_resumes_total",
+        "counter",
+        "Requests sent on to another replica after theirs died (one may need several).",
+        [(lbl, resumed)],
+    )
     queried, hits = total(eng, "prefix_queried_tokens"), total(eng, "prefix_hit_tokens")
     metric(
         "prefix_cache_hit_rate",
@@ -143,7 +149,15 @@ def render(model: str, replicas: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-STALE_AFTER_S = 60.0
+STALE_AFTER_S = 60.0  # a replica silent this long is gone: its counters leave the sums too
+GAUGES_STALE_AFTER_S = 5.0  # its gauges (running, KV blocks in use) leave the sums at once
+ENGINE_GAUGES = [
+    key for _, kind, _, source, key in SUMMED if kind == "gauge" and source == "engine"
+]
+
+
+def without_gauges(stats: dict[str, Any]) -> dict[str, Any]:
+    return {**stats, "engine": {**stats["engine"], **dict.fromkeys(ENGINE_GAUGES, 0)}}
 
 
 class MetricsStore:
@@ -152,6 +166,10 @@ class MetricsStore:
 
     def __init__(self) -> None:
         self.reports: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {}
+        self.resumed: dict[str, int] = {}  # model -> continuations sent after a replica died
+
+    def count_resumed(self, model: str) -> None:
+        self.resumed[model] = self.resumed.get(model, 0) + 1
 
     def report(self, model: str, replica: str, stats: dict[str, Any]) -> None:
         import time
@@ -164,9 +182,13 @@ class MetricsStore:
         now = time.monotonic()
         parts = []
         for model, replicas in sorted(self.reports.items()):
-            live = [s for t, s in replicas.values() if now - t < STALE_AFTER_S]
+            live = [
+                s if now - t < GAUGES_STALE_AFTER_S else without_gauges(s)
+                for t, s in replicas.values()
+                if now - t < STALE_AFTER_S
+            ]
             if live:
-                parts.append(render(model, live))
+                parts.append(render(model, live, self.resumed.get(model, 0)))
         return "".join(parts)
 
 

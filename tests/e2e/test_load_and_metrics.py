@@ -71,8 +71,10 @@ def test_disconnected_streams_free_their_blocks(server: str) -> None:
         ):
             break
         time.sleep(0.5)
-    assert metric(server, "kv_cache_blocks_used") == 0
-    assert metric(server, "num_requests_running") == 0
+    text = httpx.get(f"{server}/metrics", headers=headers).text
+    gauges = "\n".join(line for line in text.splitlines() if "_num_requests_" in line)
+    assert metric(server, "kv_cache_blocks_used") == 0, gauges
+    assert metric(server, "num_requests_running") == 0, gauges
 
 
 def test_health_and_metrics(server: str, client) -> None:  # noqa: ANN001
