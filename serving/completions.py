@@ -67,10 +67,7 @@ class CompletionsHandler:
             await ing.check_guide(guide, param)
         params = sampling_params(req, req.max_tokens, req.logprobs, guide, entry.defaults)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = [
-            entry.handle.options(stream=True).generate.remote(f"{rid}-{i}", p, params)
-            for i, p in enumerate(prompts)
-        ]
+        streams = [ing.open_stream(entry, f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
         firsts = [await first_output(s) for s in streams]
         view = CompletionView(rid, req, entry, prompts)
         if req.stream:

@@ -32,6 +32,7 @@ from serving.completions import CompletionsHandler
 from serving.config import AppConfig, ModelDeployment
 from serving.metrics import metrics_store
 from serving.protocol import ChatCompletionRequest, OpenAIError, from_validation_error
+from serving.resumable import ResumableStream
 from serving.streams import first_output, sse
 from serving.structured_outputs import requested_guide
 from serving.tool_calls import plan_tools
@@ -147,6 +148,14 @@ class OpenAIIngress:
                 code="context_length_exceeded",
             )
 
+    def open_stream(
+        self, entry: ModelEntry, request_id: str, prompt: list[int], params: Any
+    ) -> ResumableStream:
+        """The request's stream from the model's LLMServer, continued elsewhere if its replica
+        dies (counted in /metrics)."""
+        count = lambda: self.metrics.count_resumed.remote(entry.name)  # noqa: E731
+        return ResumableStream(entry.handle, request_id, prompt, params, count)
+
     # --- routes ----------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
@@ -239,7 +248,7 @@ class OpenAIIngress:
             entry.defaults,
         )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = entry.handle.options(stream=True).generate.remote(rid, prompt, params)
+        stream = self.open_stream(entry, rid, prompt, params)
         first = await first_output(stream)
         view = ChatView(rid, req, entry.logprobs, plan)
         if req.stream:

@@ -14,6 +14,7 @@ import torch
 from model_parallel.async_engine import AsyncEngine, ProcessEngine
 from model_parallel.config import EngineConfig
 from model_parallel.request import RequestOutput, SamplingParams
+from serving.autoscaling import KV_USAGE, RUNNING, WAITING
 from serving.metrics import EngineMetrics, metrics_store
 
 REPORT_PERIOD_S = 1.0
@@ -46,16 +47,22 @@ class LLMServer:
             time.sleep(REPORT_PERIOD_S)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; Serve cancels it (and so aborts it) when the client
-        goes away."""
+        goes away. `output_token_ids` continues a request whose replica died."""
         start = time.monotonic()
         first: float | None = None
         last: RequestOutput | None = None
         # NOTE: outputs that pile up are already coalesced by the engine front end; holding them
         # back further (one item per 100-500 ms) was measured and did not raise throughput.
-        async for out in self.engine.generate(request_id, prompt_token_ids, params):
+        async for out in self.engine.generate(
+            request_id, prompt_token_ids, params, output_token_ids
+        ):
             if first is None:
                 first = time.monotonic()
             last = out
@@ -74,6 +81,15 @@ class LLMServer:
     def stats(self) -> dict[str, Any]:
         """This replica's engine gauges and request metrics, for /metrics."""
         return {"engine": self.engine.stats(), "requests": self.metrics.snapshot()}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What LLMAutoscalingPolicy reads besides the request count (Serve calls it)."""
+        e = self.engine.stats()
+        return {
+            RUNNING: e["num_running"],
+            WAITING: e["num_waiting"],
+            KV_USAGE: e["kv_blocks_used"] / max(e["kv_blocks_total"], 1),
+        }
 
     def check_health(self) -> None:
         """Serve's health check: raises (so Serve replaces the replica) when the engine loop or a
