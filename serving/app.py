@@ -8,10 +8,13 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
+from serving.autoscaling import LLMAutoscalingPolicy
 from serving.config import AppConfig, ModelDeployment, config_from_dict
 from serving.ingress import OpenAIIngress
 from serving.llm_server import LLMServer
+from serving.router import PrefixAffinityRouter
 
 INGRESS_MAX_ONGOING = 2048
 
@@ -32,6 +35,8 @@ def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
         # streams for up to this long.
         "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0},
+        # Prompts that share a prefix go where it is cached, unless that replica is much busier.
+        "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter),
     }
     if par.tensor_parallel_size > 1:  # rank 0 (the replica) takes bundle 0, workers the rest
         options["placement_group_bundles"] = [bundle] * par.tensor_parallel_size
@@ -39,8 +44,13 @@ def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
     if m.autoscaling_config:
         # Serve's default target of 2 ongoing requests would scale out a replica that batches
         # max_num_seqs sequences long before it is busy: aim at half its batch unless told.
+        # The policy also scales on the engines' waiting queues and KV-cache usage.
         target = max(1, m.engine.scheduler.max_num_seqs // 2)
-        options["autoscaling_config"] = {"target_ongoing_requests": target, **m.autoscaling_config}
+        options["autoscaling_config"] = {
+            "target_ongoing_requests": target,
+            "policy": {"policy_function": LLMAutoscalingPolicy},
+            **m.autoscaling_config,
+        }
     else:
         options["num_replicas"] = m.num_replicas
     return serve.deployment(LLMServer).options(**options).bind(m.engine, m.name, app_name, cpus)
