@@ -39,12 +39,13 @@ def local_cpus(config: AppConfig) -> int:
 
 
 def connect(config: AppConfig, address: str | None) -> None:
-    """Start a local Ray instance (address None) or join one ('auto' or ray://...)."""
+    """Start a local Ray instance (address None) or join one ('auto' or ray://...).
+    NOTE: address None must not be passed on: Ray would join the last cluster `ray start` made."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
-            address=address,
+            address=address or "local",
             num_cpus=None if address else local_cpus(config),
             include_dashboard=False,
             log_to_driver=False,

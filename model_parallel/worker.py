@@ -63,7 +63,11 @@ class WorkerPool:
         gpu = config.parallel.torch_device().type == "cuda"
         resource = {"GPU": 1} if gpu else {"CPU": 1}
         if not ray.is_initialized():  # a local instance; CPU ranks may share cores
-            ray.init(log_to_driver=False, num_cpus=None if gpu else max(os.cpu_count() or 1, size))
+            ray.init(
+                address="local",
+                log_to_driver=False,
+                num_cpus=None if gpu else max(os.cpu_count() or 1, size),
+            )
         self.own_pg = get_current_placement_group() is None
         # Inside a Serve replica the deployment's placement group already holds rank 0 in bundle 0.
         self.pg = (

@@ -38,19 +38,21 @@ def server() -> Iterator[str]:
     config = AppConfig(
         models=(model,), server=ServerSettings(api_key=API_KEY, max_body_bytes=1 << 20)
     )
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    url = deploy(config, "127.0.0.1", port, None)
-    handle = serve.get_deployment_handle(f"LLMServer:{MODEL}", app_name=config.name)
-    # The keyless ingress answers greedily, with a mild repetition penalty, where a request leaves
-    # them out (an operator's --override-generation-config): the seed's examples, which set
-    # neither, then give the same answer on every run.
-    greedy = dataclasses.replace(
-        model, generation_config={"temperature": 0.0, "repetition_penalty": 1.1}
-    )
-    open_config = AppConfig(models=(greedy,), server=ServerSettings(), name="open")
-    serve.run(OpenAIIngress.bind(open_config, {MODEL: handle}), name="open", route_prefix="/open")
-    try:
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:  # a failed start shuts down too, so the next package's Ray starts clean
+        port = free_port()
+        url = deploy(config, "127.0.0.1", port, None)
+        handle = serve.get_deployment_handle(f"LLMServer:{MODEL}", app_name=config.name)
+        # The keyless ingress answers greedily, with a mild repetition penalty, where a request
+        # leaves them out (an operator's --override-generation-config): the seed's examples,
+        # which set neither, then give the same answer on every run.
+        greedy = dataclasses.replace(
+            model, generation_config={"temperature": 0.0, "repetition_penalty": 1.1}
+        )
+        open_config = AppConfig(models=(greedy,), server=ServerSettings(), name="open")
+        serve.run(
+            OpenAIIngress.bind(open_config, {MODEL: handle}), name="open", route_prefix="/open"
+        )
         yield url
     finally:
         shutdown()

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 def ray_cluster():  # noqa: ANN201
     import ray
 
-    ray.init(num_cpus=8, log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, log_to_driver=False, include_dashboard=False)
     yield
     ray.shutdown()
 
