@@ -21,8 +21,10 @@ from model_parallel.request import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-MAX_RESUMES = 3
-RESUME_BACKOFF_S = 0.5
+# Serve's router may still pick the dead replica until it learns of the death: back off 0.25 s,
+# doubling, for up to 5 tries (about 8 s in all).
+MAX_RESUMES = 5
+RESUME_BACKOFF_S = 0.25
 
 
 def replica_lost(e: BaseException) -> bool:
@@ -57,7 +59,7 @@ class ResumableStream:
     def _submit(self) -> Any:
         rid = self.request_id if self.attempt == 0 else f"{self.request_id}-{self.attempt}"
         call = self.handle.options(stream=True).generate
-        return call.remote(rid, self.prompt_token_ids, self.params, self.sent or None)
+        return call.remote(rid, self.prompt_token_ids, self.params, list(self.sent) or None)
 
     def __aiter__(self) -> ResumableStream:
         return self
@@ -78,7 +80,7 @@ class ResumableStream:
                     e,
                 )
                 self.on_resume()
-                await asyncio.sleep(RESUME_BACKOFF_S)
+                await asyncio.sleep(RESUME_BACKOFF_S * 2 ** (self.attempt - 1))
                 self._stream = self._submit()
                 continue
             for c in out.outputs:
