@@ -62,9 +62,10 @@ def build_app(config: AppConfig) -> Application:
     scale: dict[str, Any] = {"num_replicas": config.ingress_replicas}
     if config.ingress_autoscaling_config:  # the ingress scales on its own, apart from the models
         scale = {"autoscaling_config": config.ingress_autoscaling_config}
-    return OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING, **scale).bind(
-        config, handles
-    )
+    actor = {"num_cpus": 0, "resources": config.ingress_resources or {}}
+    return OpenAIIngress.options(
+        max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options=actor, **scale
+    ).bind(config, handles)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -54,6 +54,9 @@ class AppConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     ingress_replicas: int = 1
     ingress_autoscaling_config: dict[str, Any] | None = None  # Serve's; replaces ingress_replicas
+    # Ray resources each ingress replica needs, to place it: e.g. {"node:__internal_head__": 0.01}
+    # keeps it on the head node, a custom resource on CPU-only nodes.
+    ingress_resources: dict[str, float] | None = None
     name: str = "llmcluster"
 
 
@@ -103,16 +106,11 @@ def _model_from_dict(d: dict[str, Any]) -> ModelDeployment:
 
 def config_from_dict(d: dict[str, Any]) -> AppConfig:
     """A Serve YAML application's `args` (or `llmcluster serve --config`) -> AppConfig."""
-    known = {"models", "name", "ingress_replicas", "ingress_autoscaling_config"} | _SERVER_KEYS
+    app_keys = ("ingress_replicas", "ingress_autoscaling_config", "ingress_resources", "name")
+    known = {"models", *app_keys} | _SERVER_KEYS
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
     models = tuple(_model_from_dict(m) for m in d.get("models") or [{}])
     server = ServerSettings(**{k: d[k] for k in _SERVER_KEYS if k in d})
-    return AppConfig(
-        models=models,
-        server=server,
-        ingress_replicas=d.get("ingress_replicas", 1),
-        ingress_autoscaling_config=d.get("ingress_autoscaling_config"),
-        name=d.get("name", "llmcluster"),
-    )
+    return AppConfig(models=models, server=server, **{k: d[k] for k in app_keys if k in d})

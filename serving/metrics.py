@@ -149,6 +149,7 @@ def render(model: str, replicas: list[dict[str, Any]], resumed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
 STALE_AFTER_S = 60.0  # a replica silent this long is gone: its counters leave the sums too
 GAUGES_STALE_AFTER_S = 5.0  # its gauges (running, KV blocks in use) leave the sums at once
 ENGINE_GAUGES = [
@@ -193,10 +194,15 @@ class MetricsStore:
 
 
 def metrics_store(app_name: str) -> Any:
-    """The app's MetricsStore actor, created by whichever replica asks first."""
+    """The app's MetricsStore actor, created by whichever replica asks first. It lives on the
+    head node, beside Serve's controller, so that losing a worker node loses no metrics."""
     import ray
 
     actor = ray.remote(num_cpus=0)(MetricsStore)
     return actor.options(
-        name=f"llmcluster-metrics-{app_name}", get_if_exists=True, lifetime="detached"
+        name=f"llmcluster-metrics-{app_name}",
+        get_if_exists=True,
+        lifetime="detached",
+        resources={HEAD_NODE_RESOURCE: 0.001},
+        scheduling_strategy="DEFAULT",  # not inside the asking replica's placement group
     ).remote()

@@ -33,7 +33,7 @@ FAST_METRICS = {
 
 
 @pytest.fixture(scope="module")
-def url() -> Iterator[str]:
+def cluster() -> Iterator[Any]:
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -47,10 +47,7 @@ def url() -> Iterator[str]:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        port = free_port()
-        # One proxy: both raylets share this host's address, so proxies on each would collide.
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
+        yield cluster
     finally:
         try:
             serve.shutdown()
@@ -61,7 +58,17 @@ def url() -> Iterator[str]:
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def deploy(name: str, url: str, **deployment: Any) -> None:
+@pytest.fixture(scope="module")
+def url(cluster: Any) -> str:
+    from ray import serve
+
+    port = free_port()
+    # One proxy: both raylets share this host's address, so proxies on each would collide.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def deploy(name: str, url: str, num_blocks: int | None = None, **deployment: Any) -> None:
     from ray import serve
 
     from cluster.launch import wait_healthy
@@ -69,13 +76,16 @@ def deploy(name: str, url: str, **deployment: Any) -> None:
 
     engine = EngineConfig(
         model=ModelConfig(dtype="float32"),  # greedy runs are compared token for token
-        cache=CacheConfig(kv_cache_memory_gib=0.25),
+        cache=CacheConfig(kv_cache_memory_gib=0.25, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=8),
     )
     model = ModelDeployment(
         engine=engine, served_model_name=MODEL, cpus_per_replica=1, **deployment
     )
-    serve.run(build_app(AppConfig(models=(model,), name=name)), name=name, route_prefix="/")
+    # The ingress on the head node, beside the proxy: a lost worker node takes no ingress along.
+    head = {"node:__internal_head__": 0.01}
+    app = build_app(AppConfig(models=(model,), name=name, ingress_resources=head))
+    serve.run(app, name=name, route_prefix="/")
     wait_healthy(url, 300)
 
 
@@ -146,7 +156,9 @@ async def chat(
     return {"text": text, "finish_reason": reason, "completion_tokens": usage}
 
 
-async def load(url: str, concurrency: int, until: Callable[[], bool], timeout_s: float) -> int:
+async def load(
+    url: str, concurrency: int, max_tokens: int, until: Callable[[], bool], timeout_s: float
+) -> int:
     """`concurrency` clients send requests back to back until `until()` holds; returns how many
     finished. Any failed request fails the test."""
     stop = asyncio.Event()
@@ -155,7 +167,7 @@ async def load(url: str, concurrency: int, until: Callable[[], bool], timeout_s:
     async def client(i: int) -> None:
         nonlocal done
         while not stop.is_set():
-            await chat(url, f"Count from {i} to {i + 20}.", 24)
+            await chat(url, f"Count from {i} to {i + 20}.", max_tokens)
             done += 1
 
     async def watch() -> None:
@@ -169,29 +181,35 @@ async def load(url: str, concurrency: int, until: Callable[[], bool], timeout_s:
     return done
 
 
-def test_autoscaling_goes_out_to_the_second_node_and_back_without_failures(url: str) -> None:
+def test_autoscaling_on_kv_pressure_goes_to_the_second_node_and_back_without_failures(
+    url: str,
+) -> None:
+    """Three long requests against a target of 8 ongoing requests: Serve's default policy,
+    counting requests, would stay at ceil(3 / 8) = 1 replica. But they do not fit one replica's
+    KV cache (24 blocks of 16 tokens; each needs 10), so sequences wait in its engine and its KV
+    usage is near 1: LLMAutoscalingPolicy adds the second replica."""
     from ray import serve
 
     deploy(
         "scaling",
         url,
+        num_blocks=24,
         graceful_shutdown_timeout_s=60,
         autoscaling_config={
             "min_replicas": 1,
             "max_replicas": 2,
-            "target_ongoing_requests": 2,
+            "target_ongoing_requests": 8,
             "upscale_delay_s": 1,
             "downscale_delay_s": 3,
         },
     )
     assert running_replicas("scaling") == 1
-    # Under load (6 clients for a target of 2 per replica): out to the second node.
-    up = asyncio.run(load(url, 6, lambda: running_replicas("scaling") == 2, 150))
+    up = asyncio.run(load(url, 3, 120, lambda: running_replicas("scaling") == 2, 150))
     nodes = {node for node, _ in replicas("scaling").values()}
     assert len(nodes) == 2, "the two replicas should sit on the two nodes"
-    # A trickle stays under the target: back to one replica, while requests keep finishing
-    # (the leaving replica drains its streams first).
-    down = asyncio.run(load(url, 1, lambda: running_replicas("scaling") == 1, 120))
+    # A trickle of short requests: back to one replica, while requests keep finishing (the
+    # leaving replica drains its streams first).
+    down = asyncio.run(load(url, 1, 8, lambda: running_replicas("scaling") == 1, 150))
     assert up > 0 and down > 0
     serve.delete("scaling")
 
@@ -238,16 +256,15 @@ def test_prefix_affinity_routes_a_shared_prompt_to_the_replica_that_caches_it(
     assert cached / prompt > 0.75, f"prefix-cache hit rate {cached / prompt:.2f}"
 
 
-def test_streams_survive_a_killed_replica_token_for_token(two_replicas: str) -> None:
-    url = two_replicas
-    topics = ["a cat", "the sea", "a robot", "a king", "rain", "Mars"]
-    prompts = [f"Write a long story about {t}." for t in topics]
+def streams_across(url: str, prompts: list[str], fault: Callable[[], None]) -> None:
+    """Greedy streams of 96 tokens, undisturbed and then with `fault()` once all are under way:
+    the same texts, finish reasons and usage, and at least one of them was continued."""
 
     async def undisturbed() -> list[dict[str, Any]]:
         return await asyncio.wait_for(asyncio.gather(*(chat(url, p, 96) for p in prompts)), 180)
 
     reference = asyncio.run(undisturbed())
-    victim_name, (_, victim_pid) = sorted(replicas("fixed").items())[0]
+    before = resumes(url)
     chunks = [0] * len(prompts)
 
     def counter(i: int) -> Callable[[], None]:
@@ -262,17 +279,45 @@ def test_streams_survive_a_killed_replica_token_for_token(two_replicas: str) -> 
         while min(chunks) < 8:  # every stream is under way
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
-        os.kill(victim_pid, signal.SIGKILL)
+        await asyncio.to_thread(fault)
         return await asyncio.wait_for(asyncio.gather(*tasks), 180)
 
-    results = asyncio.run(disturbed())
-    assert results == reference
+    assert asyncio.run(disturbed()) == reference
+    assert resumes(url) > before, "no stream was on the lost replica"
+
+
+def resumes(url: str) -> int:
     metrics = httpx.get(f"{url}/metrics").text
-    resumed = re.search(r"^llmcluster_request_resumes_total\{[^}]*\} (\d+)", metrics, re.M)
-    assert resumed and int(resumed.group(1)) >= 1, "no stream was on the killed replica"
-    # Serve replaces the replica.
-    wait_for(
+    found = re.search(r"^llmcluster_request_resumes_total\{[^}]*\} (\d+)", metrics, re.M)
+    assert found
+    return int(found.group(1))
+
+
+def test_streams_survive_a_killed_replica_token_for_token(two_replicas: str) -> None:
+    victim_name, (_, victim_pid) = sorted(replicas("fixed").items())[0]
+    topics = ["a cat", "the sea", "a robot", "a king", "rain", "Mars"]
+    streams_across(
+        two_replicas,
+        [f"Write a long story about {t}." for t in topics],
+        lambda: os.kill(victim_pid, signal.SIGKILL),
+    )
+    wait_for(  # Serve replaces the replica
         "a replacement replica",
         lambda: running_replicas("fixed") == 2 and victim_name not in replicas("fixed"),
         180,
     )
+
+
+def test_streams_survive_a_lost_node_and_serve_replaces_its_replica(
+    cluster: Any, two_replicas: str
+) -> None:
+    worker = next(iter(cluster.worker_nodes))
+    topics = ["a lighthouse", "a forest", "a train", "snow"]
+    streams_across(
+        two_replicas,
+        [f"Write a long story about {t}." for t in topics],
+        lambda: cluster.remove_node(worker, allow_graceful=False),
+    )
+    cluster.add_node(num_cpus=1)  # a node comes back: Serve puts the missing replica there
+    wait_for("a replacement replica", lambda: running_replicas("fixed") == 2, 180)
+    assert len({node for node, _ in replicas("fixed").values()}) == 2

@@ -32,6 +32,7 @@ def test_dict_config_maps_every_layer() -> None:
         {
             "api_key": "k",
             "ingress_replicas": 2,
+            "ingress_resources": {"node:__internal_head__": 0.01},
             "models": [
                 {
                     "model": "m",
@@ -47,6 +48,7 @@ def test_dict_config_maps_every_layer() -> None:
     )
     m = cfg.models[0]
     assert cfg.server.api_key == "k" and cfg.ingress_replicas == 2
+    assert cfg.ingress_resources == {"node:__internal_head__": 0.01}
     assert (m.name, m.num_replicas, m.engine.model.dtype) == ("x", 3, "float32")
     assert m.engine.parallel.tensor_parallel_size == 2 and m.engine.scheduler.max_num_seqs == 8
     assert m.engine.cache.kv_cache_memory_gib == 1.5
