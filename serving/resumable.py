@@ -54,6 +54,7 @@ class ResumableStream:
         self.resumes_left = max_resumes if params.n == 1 else 0
         self.attempt = 0
         self.sent: list[int] = []  # output tokens received so far
+        self.cached = 0  # prompt tokens the first replica found in its prefix cache
         self._stream = self._submit()
 
     def _submit(self) -> Any:
@@ -83,6 +84,10 @@ class ResumableStream:
                 await asyncio.sleep(RESUME_BACKOFF_S * 2 ** (self.attempt - 1))
                 self._stream = self._submit()
                 continue
+            if self.attempt == 0:
+                self.cached = out.num_cached_tokens
+            else:  # usage reports the prefix-cache hits of the request as the client began it
+                out.num_cached_tokens = self.cached
             for c in out.outputs:
                 self.sent += c.token_ids
             return out

@@ -14,9 +14,9 @@ from serving import resumable
 from serving.resumable import ResumableStream
 
 
-def out(tokens: list[int], finished: bool = False) -> RequestOutput:
+def out(tokens: list[int], finished: bool = False, cached: int = 0) -> RequestOutput:
     c = CompletionOutput(0, "x" * len(tokens), tokens, None, "length" if finished else None)
-    return RequestOutput("r", [c], 5, 0, 0, finished)
+    return RequestOutput("r", [c], 5, cached, 0, finished)
 
 
 class ScriptedHandle:
@@ -46,8 +46,12 @@ class ScriptedHandle:
         return stream()
 
 
+async def collect_outputs(stream: ResumableStream) -> list[RequestOutput]:
+    return [o async for o in stream]
+
+
 async def collect(stream: ResumableStream) -> list[int]:
-    return [t for o in [o async for o in stream] for t in o.outputs[0].token_ids]
+    return [t for o in await collect_outputs(stream) for t in o.outputs[0].token_ids]
 
 
 @pytest.fixture(autouse=True)
@@ -57,13 +61,15 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_lost_replica_is_resumed_from_the_tokens_sent() -> None:
     handle = ScriptedHandle(
-        [out([1, 2]), out([3]), ActorDiedError()],
+        [out([1, 2], cached=16), out([3], cached=16), ActorDiedError()],
         [ActorDiedError()],  # routed to the dead replica once more
         [out([4]), out([5], finished=True)],
     )
     resumed = []
     stream = ResumableStream(handle, "r", [9, 9], SamplingParams(), lambda: resumed.append(1))
-    assert asyncio.run(collect(stream)) == [1, 2, 3, 4, 5]
+    outs = asyncio.run(collect_outputs(stream))
+    assert [t for o in outs for t in o.outputs[0].token_ids] == [1, 2, 3, 4, 5]
+    assert all(o.num_cached_tokens == 16 for o in outs)  # as the client's request began
     assert [c[3] for c in handle.calls] == [None, [1, 2, 3], [1, 2, 3]]
     assert [c[0] for c in handle.calls] == ["r", "r-1", "r-2"] and len(resumed) == 2
 
