@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
+from ray import serve
 
 from model_parallel.async_engine import AsyncEngine, ProcessEngine
 from model_parallel.config import EngineConfig
@@ -34,14 +34,17 @@ class LLMServer:
         tp = engine_config.parallel.tensor_parallel_size
         self.engine = ProcessEngine(engine_config) if tp == 1 else AsyncEngine(engine_config)
         self.metrics = EngineMetrics()
+        replica = serve.get_replica_context().replica_id.unique_id
         self._reporter = threading.Thread(
-            target=self._report, args=(model_name, app_name), name="metrics-report", daemon=True
+            target=self._report,
+            args=(model_name, app_name, replica),
+            name="metrics-report",
+            daemon=True,
         )
         self._reporter.start()
 
-    def _report(self, model_name: str, app_name: str) -> None:
+    def _report(self, model_name: str, app_name: str, replica: str) -> None:
         store = metrics_store(app_name)
-        replica = uuid.uuid4().hex
         while not self.engine.stopped:
             store.report.remote(model_name, replica, self.stats())
             time.sleep(REPORT_PERIOD_S)

@@ -177,6 +177,14 @@ class MetricsStore:
 
         self.reports.setdefault(model, {})[replica] = (time.monotonic(), stats)
 
+    def engine_stats(self, model: str) -> dict[str, dict[str, float]]:
+        """Each live replica's latest engine gauges, by Serve replica id (which replica is busy)."""
+        import time
+
+        now = time.monotonic()
+        reports = self.reports.get(model, {}).items()
+        return {r: s["engine"] for r, (t, s) in reports if now - t < GAUGES_STALE_AFTER_S}
+
     def render(self) -> str:
         import time
 

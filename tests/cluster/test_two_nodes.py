@@ -293,17 +293,31 @@ def resumes(url: str) -> int:
     return int(found.group(1))
 
 
+def busiest_replica(app: str) -> str:
+    """The actor name of the replica running the most sequences (from the metrics actor)."""
+    import ray
+
+    name = f"llmcluster-metrics-{app}"
+    found = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
+    store = ray.get_actor(name, namespace=found[0]["namespace"])
+    stats = ray.get(store.engine_stats.remote(MODEL))
+    busiest = max(stats, key=lambda r: stats[r]["num_running"])
+    return next(name for name in replicas(app) if name.endswith(f"#{busiest}"))
+
+
 def test_streams_survive_a_killed_replica_token_for_token(two_replicas: str) -> None:
-    victim_name, (_, victim_pid) = sorted(replicas("fixed").items())[0]
+    killed: list[str] = []
+
+    def kill() -> None:
+        time.sleep(1.5)  # the replicas report their engines every second
+        killed.append(busiest_replica("fixed"))
+        os.kill(replicas("fixed")[killed[0]][1], signal.SIGKILL)
+
     topics = ["a cat", "the sea", "a robot", "a king", "rain", "Mars"]
-    streams_across(
-        two_replicas,
-        [f"Write a long story about {t}." for t in topics],
-        lambda: os.kill(victim_pid, signal.SIGKILL),
-    )
+    streams_across(two_replicas, [f"Write a long story about {t}." for t in topics], kill)
     wait_for(  # Serve replaces the replica
         "a replacement replica",
-        lambda: running_replicas("fixed") == 2 and victim_name not in replicas("fixed"),
+        lambda: running_replicas("fixed") == 2 and killed[0] not in replicas("fixed"),
         180,
     )
 
