@@ -1,7 +1,8 @@
 """A real two-node Ray cluster on this host (a head raylet and a second raylet, started by Ray's
 cluster_utils, one CPU each; an LLMServer replica takes one, so each node holds one): Serve
 autoscaling out to the second node under load and back when idle, streams that survive a killed
-replica, and prefix-affinity routing. Every load loop is bounded in count and time; loopback only.
+replica and a lost node, and prefix-affinity routing. Every load loop is bounded in count and
+time; loopback only.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def cluster() -> Iterator[Any]:
             ray.shutdown()
             cluster.shutdown()
             for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -256,12 +260,20 @@ def test_prefix_affinity_routes_a_shared_prompt_to_the_replica_that_caches_it(
     assert cached / prompt > 0.75, f"prefix-cache hit rate {cached / prompt:.2f}"
 
 
+def stories(variant: int) -> list[str]:
+    """Ten prompts: more than one replica takes (max_num_seqs 8), so both replicas get streams,
+    whatever Serve's router does with its queue-length cache."""
+    topics = ["a cat", "the sea", "a robot", "a king", "rain", "Mars", "a train", "snow"]
+    topics += ["a forest", "a lighthouse"]
+    return [f"Write a long story about {t}{'!' if variant else '.'}" for t in topics]
+
+
 def streams_across(url: str, prompts: list[str], fault: Callable[[], None]) -> None:
-    """Greedy streams of 96 tokens, undisturbed and then with `fault()` once all are under way:
+    """Greedy streams of 64 tokens, undisturbed and then with `fault()` once all are under way:
     the same texts, finish reasons and usage, and at least one of them was continued."""
 
     async def undisturbed() -> list[dict[str, Any]]:
-        return await asyncio.wait_for(asyncio.gather(*(chat(url, p, 96) for p in prompts)), 180)
+        return await asyncio.wait_for(asyncio.gather(*(chat(url, p, 64) for p in prompts)), 180)
 
     reference = asyncio.run(undisturbed())
     before = resumes(url)
@@ -274,7 +286,7 @@ def streams_across(url: str, prompts: list[str], fault: Callable[[], None]) -> N
         return tick
 
     async def disturbed() -> list[dict[str, Any]]:
-        tasks = [asyncio.ensure_future(chat(url, p, 96, counter(i))) for i, p in enumerate(prompts)]
+        tasks = [asyncio.ensure_future(chat(url, p, 64, counter(i))) for i, p in enumerate(prompts)]
         deadline = time.monotonic() + 60
         while min(chunks) < 8:  # every stream is under way
             assert time.monotonic() < deadline
@@ -313,8 +325,7 @@ def test_streams_survive_a_killed_replica_token_for_token(two_replicas: str) -> 
         killed.append(busiest_replica("fixed"))
         os.kill(replicas("fixed")[killed[0]][1], signal.SIGKILL)
 
-    topics = ["a cat", "the sea", "a robot", "a king", "rain", "Mars"]
-    streams_across(two_replicas, [f"Write a long story about {t}." for t in topics], kill)
+    streams_across(two_replicas, stories(0), kill)
     wait_for(  # Serve replaces the replica
         "a replacement replica",
         lambda: running_replicas("fixed") == 2 and killed[0] not in replicas("fixed"),
@@ -326,11 +337,8 @@ def test_streams_survive_a_lost_node_and_serve_replaces_its_replica(
     cluster: Any, two_replicas: str
 ) -> None:
     worker = next(iter(cluster.worker_nodes))
-    topics = ["a lighthouse", "a forest", "a train", "snow"]
     streams_across(
-        two_replicas,
-        [f"Write a long story about {t}." for t in topics],
-        lambda: cluster.remove_node(worker, allow_graceful=False),
+        two_replicas, stories(1), lambda: cluster.remove_node(worker, allow_graceful=False)
     )
     cluster.add_node(num_cpus=1)  # a node comes back: Serve puts the missing replica there
     wait_for("a replacement replica", lambda: running_replicas("fixed") == 2, 180)
