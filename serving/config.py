@@ -77,6 +77,7 @@ _MODEL_KEYS = {
 _DEPLOYMENT_KEYS = tuple(k for k in ModelDeployment.__dataclass_fields__ if k != "engine")
 _MODEL_KEYS |= set(_DEPLOYMENT_KEYS)
 _SERVER_KEYS = set(ServerSettings.__dataclass_fields__)
+_APP_KEYS = tuple(k for k in AppConfig.__dataclass_fields__ if k not in ("models", "server"))
 
 
 def _model_from_dict(d: dict[str, Any]) -> ModelDeployment:
@@ -106,11 +107,10 @@ def _model_from_dict(d: dict[str, Any]) -> ModelDeployment:
 
 def config_from_dict(d: dict[str, Any]) -> AppConfig:
     """A Serve YAML application's `args` (or `llmcluster serve --config`) -> AppConfig."""
-    app_keys = ("ingress_replicas", "ingress_autoscaling_config", "ingress_resources", "name")
-    known = {"models", *app_keys} | _SERVER_KEYS
+    known = {"models", *_APP_KEYS} | _SERVER_KEYS
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
     models = tuple(_model_from_dict(m) for m in d.get("models") or [{}])
     server = ServerSettings(**{k: d[k] for k in _SERVER_KEYS if k in d})
-    return AppConfig(models=models, server=server, **{k: d[k] for k in app_keys if k in d})
+    return AppConfig(models=models, server=server, **{k: d[k] for k in _APP_KEYS if k in d})

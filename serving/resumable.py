@@ -14,10 +14,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import RayActorError, WorkerCrashedError
 
 from model_parallel.engine import EngineDeadError
 from model_parallel.request import RequestOutput, SamplingParams
+from serving.streams import cause_of
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,7 @@ RESUME_BACKOFF_S = 0.25
 
 def replica_lost(e: BaseException) -> bool:
     """The error says the replica (not the request) failed."""
-    if isinstance(e, RayTaskError) and e.cause is not None:
-        e = e.cause
-    return isinstance(e, (RayActorError, WorkerCrashedError, EngineDeadError))
+    return isinstance(cause_of(e), (RayActorError, WorkerCrashedError, EngineDeadError))
 
 
 class ResumableStream:
@@ -51,8 +50,8 @@ class ResumableStream:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.on_resume = on_resume
-        self.resumes_left = max_resumes if params.n == 1 else 0
-        self.attempt = 0
+        self.max_resumes = max_resumes if params.n == 1 else 0
+        self.attempt = 0  # resubmissions so far
         self.sent: list[int] = []  # output tokens received so far
         self.cached = 0  # prompt tokens the first replica found in its prefix cache
         self._stream = self._submit()
@@ -70,9 +69,8 @@ class ResumableStream:
             try:
                 out: RequestOutput = await self._stream.__anext__()
             except Exception as e:  # noqa: BLE001 - the end (StopAsyncIteration) is re-raised
-                if not replica_lost(e) or self.resumes_left == 0:
+                if not replica_lost(e) or self.attempt == self.max_resumes:
                     raise
-                self.resumes_left -= 1
                 self.attempt += 1
                 logger.warning(
                     "request %s: replica lost after %d tokens (%r); continuing elsewhere",

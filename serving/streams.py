@@ -16,9 +16,14 @@ from serving.protocol import OpenAIError
 RETRY_AFTER_S = "1"
 
 
+def cause_of(e: BaseException) -> BaseException:
+    """The exception an LLMServer call raised, out of Ray's task-error wrapper."""
+    return e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
+
+
 def to_openai_error(e: BaseException) -> OpenAIError:
     """What an exception from the LLMServer call means for the client."""
-    cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
+    cause = cause_of(e)
     if isinstance(cause, OpenAIError):
         return cause
     if isinstance(cause, ValueError):  # the engine refused the request
