@@ -188,10 +188,12 @@ async def load(
 def test_autoscaling_on_kv_pressure_goes_to_the_second_node_and_back_without_failures(
     url: str,
 ) -> None:
-    """Three long requests against a target of 8 ongoing requests: Serve's default policy,
-    counting requests, would stay at ceil(3 / 8) = 1 replica. But they do not fit one replica's
-    KV cache (24 blocks of 16 tokens; each needs 10), so sequences wait in its engine and its KV
-    usage is near 1: LLMAutoscalingPolicy adds the second replica."""
+    """Four long requests against a target of 8 ongoing requests: Serve's default policy,
+    counting requests, would stay at ceil(4 / 8) = 1 replica. But they do not fit one replica's
+    KV cache of 24 blocks of 16 tokens: each grows from 3 blocks (a 39-token prompt) to 10, so
+    however their starts interleave they need 26 on average. Sequences wait in the engine and its
+    KV usage stays near 1: LLMAutoscalingPolicy adds the second replica. (Three such requests
+    fit once their starts drift apart, 19.5 blocks on average, and then nothing waits.)"""
     from ray import serve
 
     deploy(
@@ -207,15 +209,17 @@ def test_autoscaling_on_kv_pressure_goes_to_the_second_node_and_back_without_fai
             "downscale_delay_s": 3,
         },
     )
-    assert running_replicas("scaling") == 1
-    up = asyncio.run(load(url, 3, 120, lambda: running_replicas("scaling") == 2, 150))
-    nodes = {node for node, _ in replicas("scaling").values()}
-    assert len(nodes) == 2, "the two replicas should sit on the two nodes"
-    # A trickle of short requests: back to one replica, while requests keep finishing (the
-    # leaving replica drains its streams first).
-    down = asyncio.run(load(url, 1, 8, lambda: running_replicas("scaling") == 1, 150))
-    assert up > 0 and down > 0
-    serve.delete("scaling")
+    try:
+        assert running_replicas("scaling") == 1
+        up = asyncio.run(load(url, 4, 120, lambda: running_replicas("scaling") == 2, 150))
+        nodes = {node for node, _ in replicas("scaling").values()}
+        assert len(nodes) == 2, "the two replicas should sit on the two nodes"
+        # A trickle of short requests: back to one replica, while requests keep finishing (the
+        # leaving replica drains its streams first).
+        down = asyncio.run(load(url, 1, 8, lambda: running_replicas("scaling") == 1, 150))
+        assert up > 0 and down > 0
+    finally:  # the later tests deploy on the same route
+        serve.delete("scaling")
 
 
 @pytest.fixture(scope="module")
