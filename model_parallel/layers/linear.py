@@ -17,9 +17,11 @@ from model_parallel.distributed import TPGroup
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked layout of a CPU bf16 weight (~20% faster decode matmuls); None where it
-    does not apply or the CPU lacks the instructions it needs (AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+    """oneDNN's blocked layout of a CPU weight, prepared once: faster than F.linear on the plain
+    weight (measured at decode's few rows: ~20% in bf16 on AVX512-BF16, 30-50% in fp32 on an
+    AVX2-only CPU). None where it does not apply or the CPU lacks the instructions it needs
+    (bf16: AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)

@@ -195,7 +195,8 @@ def test_oversized_prompts_are_refused_with_both_numbers(make_engine) -> None:
 
 
 def test_batch_invariance_greedy_alone_vs_full_chunked_batch(make_engine, prompts) -> None:
-    """The default dtype (bf16): a request's greedy output must not depend on its batch."""
+    """The default dtype (auto: bf16 or fp32 by CPU): a request's greedy output must not depend
+    on its batch."""
     engine = make_engine(dtype="auto", max_num_batched_tokens=64)
     alone = {
         i: tokens_of(run_all(engine, {"x": (p, greedy(max_tokens=32))})["x"])
