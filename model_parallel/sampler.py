@@ -161,12 +161,15 @@ class Sampler:
             logits = logits.masked_fill(probs < cutoff, float("-inf"))
         if md.top_k is not None or md.top_p is not None:
             logits = _top_k_top_p(logits, md.top_k, md.top_p)
-        probs = logits.softmax(-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, without a host sync.
-        race = torch.empty_like(probs).exponential_()
+        # Inverse CDF: one uniform draw per row. (The exponential race, argmax(p / E), needs a
+        # draw per vocabulary entry: 42 ms a step at 32 rows on a 2-core CPU, against 1 ms.)
+        cdf = logits.softmax(-1).cumsum_(-1)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device)
         for row, gen in md.generators.items():
-            race[row].exponential_(generator=gen)
-        return (probs / race).argmax(-1)
+            u[row] = torch.rand(1, generator=gen, device=cdf.device)
+        # right=True: the first entry whose CDF exceeds the draw, never a zero-probability one.
+        ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+        return ids.clamp_(max=cdf.shape[1] - 1)
 
 
 def _top_k_top_p(
