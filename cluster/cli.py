@@ -95,6 +95,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens
     )
     p.add_argument("--max-queued-requests", type=int, default=ModelDeployment().max_queued_requests)
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed chunk after the first (more: less CPU, burstier streams)",
+    )
     p.add_argument("--address", default=None, help="join a running Ray cluster ('auto')")
     p.add_argument("--allow-request-chat-template", action="store_true")
     p.add_argument(
@@ -126,6 +132,7 @@ def _app_config(args: argparse.Namespace) -> AppConfig:
         autoscaling_config=autoscaling,
         max_queued_requests=args.max_queued_requests,
         generation_config=args.override_generation_config,
+        stream_interval=args.stream_interval,
     )
     server = ServerSettings(
         api_key=args.api_key, allow_request_chat_template=args.allow_request_chat_template

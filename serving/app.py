@@ -53,7 +53,11 @@ def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
         }
     else:
         options["num_replicas"] = m.num_replicas
-    return serve.deployment(LLMServer).options(**options).bind(m.engine, m.name, app_name, cpus)
+    return (
+        serve.deployment(LLMServer)
+        .options(**options)
+        .bind(m.engine, m.name, app_name, cpus, m.stream_interval)
+    )
 
 
 def build_app(config: AppConfig) -> Application:

@@ -1,8 +1,9 @@
-"""`llmcluster serve` as a user runs it: serves the default model, answers the openai client,
-and SIGTERM takes everything down."""
+"""`llmcluster serve` as a user runs it: serves the default model, answers the openai client
+(streams in chunks of --stream-interval tokens), and SIGTERM takes everything down."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -38,6 +39,8 @@ def test_serve_answers_and_sigterm_shuts_down_cleanly(tmp_path) -> None:  # noqa
             str(port),
             "--served-model-name",
             "smol",
+            "--stream-interval",
+            "4",
         ],
         env=env,
         stdout=open(tmp_path / "out.log", "w"),
@@ -46,13 +49,26 @@ def test_serve_answers_and_sigterm_shuts_down_cleanly(tmp_path) -> None:  # noqa
     try:
         wait_healthy(f"http://127.0.0.1:{port}", 240)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
-        r = client.chat.completions.create(
-            model="smol",
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-            temperature=0,
-            max_tokens=12,
-        )
+        ask = {
+            "model": "smol",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0,
+            "max_tokens": 12,
+        }
+        r = client.chat.completions.create(**ask)
         assert "Paris" in r.choices[0].message.content
+        chunks = list(
+            client.chat.completions.create(
+                **ask, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        deltas = [c.choices[0].delta.content for c in chunks if c.choices]
+        texts = [d for d in deltas if d]
+        assert "".join(texts) == r.choices[0].message.content
+        # The first token alone, then four tokens a chunk.
+        tokens = chunks[-1].usage.completion_tokens
+        assert tokens == r.usage.completion_tokens > 4
+        assert 2 <= len(texts) <= 1 + math.ceil((tokens - 1) / 4)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
     finally:
