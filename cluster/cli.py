@@ -98,7 +98,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stream-interval",
         type=int,
-        default=1,
+        default=ModelDeployment().stream_interval,
         help="tokens per streamed chunk after the first (more: less CPU, burstier streams)",
     )
     p.add_argument("--address", default=None, help="join a running Ray cluster ('auto')")
