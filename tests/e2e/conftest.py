@@ -28,7 +28,7 @@ def server() -> Iterator[str]:
     import ray
     from ray import serve
 
-    from cluster.launch import deploy, shutdown
+    from cluster.launch import apply_serve_env, deploy, shutdown
     from serving.ingress import OpenAIIngress
 
     engine = EngineConfig(
@@ -38,6 +38,7 @@ def server() -> Iterator[str]:
     config = AppConfig(
         models=(model,), server=ServerSettings(api_key=API_KEY, max_body_bytes=1 << 20)
     )
+    apply_serve_env()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:  # a failed start shuts down too, so the next package's Ray starts clean
         port = free_port()
