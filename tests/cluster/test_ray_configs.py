@@ -1,5 +1,6 @@
 """Every `ray up` config validates against Ray's own cluster schema (after Ray fills in its
-defaults, as `ray up` does), and none exposes the endpoint or Ray's control plane by default."""
+defaults, as `ray up` does), none exposes the endpoint or Ray's control plane by default, and every
+node runs Serve with the settings a local instance gets."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from cluster.launch import SERVE_ENV
 
 ROOT = Path(__file__).parents[2]
 CLUSTER_CONFIGS = sorted((ROOT / "cluster" / "ray").glob("*.yaml"))
@@ -24,11 +27,12 @@ def test_cluster_config_validates_against_rays_schema(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=[p.name for p in CLUSTER_CONFIGS])
-def test_ray_starts_with_token_auth_and_a_loopback_dashboard(path: Path) -> None:
+def test_ray_starts_with_token_auth_serve_env_and_a_loopback_dashboard(path: Path) -> None:
     config = yaml.safe_load(path.read_text())
     starts = config.get("head_start_ray_commands", []) + config.get("worker_start_ray_commands", [])
     for cmd in (c for c in starts if "ray start" in c):
         assert "RAY_AUTH_MODE=token" in cmd
+        assert all(f"{k}={v}" in cmd for k, v in SERVE_ENV.items())
         if "--head" in cmd:
             assert "--dashboard-host=127.0.0.1" in cmd
 
