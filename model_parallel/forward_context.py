@@ -27,8 +27,18 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat KV slot each new token is written to
     num_decode_tokens: int = 0  # the batch opens with this many single-token decodes
     decode_block_tables: torch.Tensor | None = None  # [B_d, max_blocks], padded with block 0
-    decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, max_blocks * block_size]: 0 or -inf
+    decode_context_lens: torch.Tensor | None = None  # [B_d] tokens each decode attends to
+    # [B_d, 1, 1, max_blocks * block_size]: 0 or -inf; None where the CPU kernel attends instead
+    decode_mask: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def decode_mask(positions: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, width]: 0 where a decode at `positions` [B] sees a slot of its padded block
+    table, -inf after it. Additive: SDPA's CPU kernel would convert a boolean mask every layer."""
+    span = torch.arange(width, device=positions.device)
+    bias = torch.zeros(positions.shape[0], width, dtype=dtype, device=positions.device)
+    return bias.masked_fill_(span[None, :] > positions[:, None], float("-inf"))[:, None, None, :]
 
 
 class ForwardContext:

@@ -18,7 +18,13 @@ from model_parallel.config import (
     kv_bytes_per_token,
 )
 from model_parallel.distributed import TPGroup
-from model_parallel.forward_context import AttentionMetadata, ForwardContext, PrefillChunk
+from model_parallel.forward_context import (
+    AttentionMetadata,
+    ForwardContext,
+    PrefillChunk,
+    decode_mask,
+)
+from model_parallel.layers import cpu_kernels
 from model_parallel.loader import load_weights
 from model_parallel.models.llama import LlamaForCausalLM
 from model_parallel.scheduler import ScheduledSequence
@@ -101,10 +107,12 @@ class ModelRunner:
         """Every rank: the attention metadata (masks, per-chunk tables) from the step's tensors."""
         md = AttentionMetadata(inputs.slot_mapping, inputs.num_decodes)
         if inputs.num_decodes:
+            positions = inputs.positions[: inputs.num_decodes]
             md.decode_block_tables = inputs.decode_tables
-            md.decode_mask = self._decode_mask(
-                inputs.positions[: inputs.num_decodes], inputs.decode_tables.shape[1]
-            )
+            md.decode_context_lens = positions + 1
+            if not cpu_kernels.enabled(self.device, self.dtype):
+                width = inputs.decode_tables.shape[1] * self.block_size
+                md.decode_mask = decode_mask(positions, width, self.dtype)
         offset = 0
         for start, n, ctx, num_blocks in inputs.prefills.tolist():
             table = inputs.prefill_tables[offset : offset + num_blocks]
@@ -115,13 +123,6 @@ class ModelRunner:
                 mask = torch.arange(ctx, device=self.device)[None, :] <= q_pos[:, None]
             md.prefills.append(PrefillChunk(start, n, ctx, table, mask))
         return md
-
-    def _decode_mask(self, positions: torch.Tensor, width: int) -> torch.Tensor:
-        span = torch.arange(width * self.block_size, device=self.device)
-        visible = span[None, :] <= positions[:, None]  # [B, L]
-        # An additive mask: SDPA's CPU kernel would convert a boolean one on every layer.
-        bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        return bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
 
     def execute(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         """Rank 0: build the step, hand it to the other ranks, and run it -> logits [B, V]."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_parallel.forward_context import ForwardContext, PrefillChunk
+from model_parallel.layers import cpu_kernels
 
 
 class PagedAttention(nn.Module):
@@ -27,7 +28,16 @@ class PagedAttention(nn.Module):
         self.v_cache.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, v)
         out = torch.empty(q.shape[0], self.num_heads * d, dtype=q.dtype, device=q.device)
         nd = md.num_decode_tokens
-        if nd:
+        if nd and cpu_kernels.enabled(q.device, q.dtype):  # reads the blocks in place
+            cpu_kernels.decode_attention(
+                out[:nd],
+                q[:nd],
+                self.k_cache,
+                self.v_cache,
+                md.decode_block_tables,
+                md.decode_context_lens,
+            )
+        elif nd:
             out[:nd] = self._decode(q[:nd], md.decode_block_tables, md.decode_mask)
         for chunk in md.prefills:
             s = slice(chunk.start, chunk.start + chunk.num_tokens)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_parallel.layers import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float):
@@ -16,7 +18,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """With `residual`, adds it first and returns (normed, new residual): fused pre-norm."""
+        """With `residual`, adds it first and returns (normed, new residual): fused pre-norm. The
+        CPU kernel does that in place: the sum into `residual`, the norm into `x`."""
+        if cpu_kernels.enabled(x.device, x.dtype):
+            out = cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from model_parallel.layers import cpu_kernels
+
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
     factor = scaling["factor"]
@@ -46,7 +48,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]."""
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]. The CPU kernel rotates in place."""
+        if cpu_kernels.enabled(q.device, q.dtype):
+            tables = (positions, self.cos, self.sin)
+            return cpu_kernels.rotary_(q, *tables), cpu_kernels.rotary_(k, *tables)
         cos = self.cos.index_select(0, positions).unsqueeze(1)  # [T, 1, head_dim]
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -1,0 +1,158 @@
+"""The C kernels of the CPU decode step against the torch paths they replace (which CUDA keeps),
+in fp32 and bf16: rotary exactly, RMSNorm and paged decode attention to rounding; each row's
+result independent of the rest of the batch; and the build cache and the opt-out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_parallel.forward_context import AttentionMetadata, ForwardContext, decode_mask
+from model_parallel.layers import cpu_kernels
+from model_parallel.layers.attention import PagedAttention
+from model_parallel.layers.norm import RMSNorm
+from model_parallel.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.enabled(torch.device("cpu"), torch.float32), reason="no C compiler"
+)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def torch_paths(monkeypatch: pytest.MonkeyPatch):
+    """Runs a callable with the kernels switched off: the layers' torch paths."""
+
+    def run(fn):
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "enabled", lambda device, dtype: False)
+            return fn()
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_is_bit_identical_in_place_on_qkv_views(dtype: torch.dtype, torch_paths) -> None:
+    torch.manual_seed(0)
+    heads, kv_heads, d, t = 9, 3, 64, 70  # 70 tokens: the kernel's threaded branch
+    rotary = RotaryEmbedding(
+        d,
+        4096,
+        10000.0,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 512,
+        },
+    ).to(dtype)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, dtype=dtype)
+    positions = torch.randint(0, 4096, (t,))
+
+    def views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, _ = x.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        return q.view(t, heads, d), k.view(t, kv_heads, d)
+
+    want = torch_paths(lambda: rotary(positions, *views(qkv.clone())))
+    got_qkv = qkv.clone()
+    got = rotary(positions, *views(got_qkv))
+    assert got[0].data_ptr() == got_qkv.data_ptr()  # rotated in place
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got_qkv[:, (heads + kv_heads) * d :], qkv[:, (heads + kv_heads) * d :])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_the_torch_path(
+    dtype: torch.dtype, with_residual: bool, torch_paths
+) -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x, residual = torch.randn(2, 100, 576, dtype=dtype)
+    res = residual if with_residual else None
+    want = torch_paths(lambda: norm(x.clone(), None if res is None else res.clone()))
+    got_x, got_res = x.clone(), None if res is None else res.clone()
+    got = norm(got_x, got_res)
+    if with_residual:
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)  # the sum: exact
+        assert got[1].data_ptr() == got_res.data_ptr() and got[0].data_ptr() == got_x.data_ptr()
+        got, want = got[0], want[0]
+    else:
+        assert torch.equal(got_x, x)  # the input is left alone
+    # The sum of squares may differ in its last bit (summation order): one rounding step.
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def _decode_attention(dtype: torch.dtype, context_lens: list[int], num_blocks: int = 256):
+    """A PagedAttention with random caches and random block tables, and its decode metadata."""
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    gen = torch.Generator().manual_seed(1)
+    attn = PagedAttention(heads, kv_heads, d, ForwardContext())  # decodes only: no new K/V
+    attn.k_cache = torch.randn(num_blocks, bs, kv_heads, d, generator=gen).to(dtype)
+    attn.v_cache = torch.randn(num_blocks, bs, kv_heads, d, generator=gen).to(dtype)
+    width = max(-(-n // bs) for n in context_lens)
+    tables = torch.randperm(num_blocks, generator=gen)[: len(context_lens) * width]
+    tables = tables.view(len(context_lens), width)
+    lens = torch.tensor(context_lens)
+    md = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long),
+        num_decode_tokens=len(context_lens),
+        decode_block_tables=tables,
+        decode_context_lens=lens,
+        decode_mask=decode_mask(lens - 1, width * bs, dtype),
+    )
+    qkv = torch.randn(len(context_lens), (heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    q = qkv[:, : heads * d].view(-1, heads, d)  # a strided view, as in the model
+    return attn, md, q
+
+
+def _run_decode(attn: PagedAttention, md: AttentionMetadata, q: torch.Tensor) -> torch.Tensor:
+    no_new_kv = torch.empty(0, attn.num_kv_heads, attn.head_dim, dtype=q.dtype)
+    with attn.ctx.bind(md):
+        return attn(q, no_new_kv, no_new_kv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_attention_matches_sdpa_over_gathered_blocks(
+    dtype: torch.dtype, torch_paths
+) -> None:
+    lens = [1, 15, 16, 17, 100, 250, 33, 64]  # ragged, on and off block edges
+    attn, md, q = _decode_attention(dtype, lens)
+    want = torch_paths(lambda: _run_decode(attn, md, q))
+    got = _run_decode(attn, md, q)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_paged_decode_attention_rows_do_not_depend_on_the_batch() -> None:
+    lens = [40, 200, 7, 129]
+    attn, md, q = _decode_attention(torch.float32, lens)
+    full = _run_decode(attn, md, q)
+    for i, n in enumerate(lens):
+        width = -(-n // 16)
+        one = AttentionMetadata(
+            slot_mapping=md.slot_mapping,
+            num_decode_tokens=1,
+            decode_block_tables=md.decode_block_tables[i : i + 1, :width].contiguous(),
+            decode_context_lens=md.decode_context_lens[i : i + 1],
+        )
+        assert torch.equal(_run_decode(attn, one, q[i : i + 1]), full[i : i + 1]), n
+
+
+def test_the_build_is_cached_and_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    built = cpu_kernels._build(cpu_kernels._compiler())
+    mtime = built.stat().st_mtime_ns
+    assert cpu_kernels._build(cpu_kernels._compiler()) == built
+    assert built.stat().st_mtime_ns == mtime  # found, not rebuilt
+    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", "0")
+    cpu_kernels._library.cache_clear()
+    try:
+        assert not cpu_kernels.enabled(torch.device("cpu"), torch.float32)
+    finally:
+        monkeypatch.delenv("LLMCLUSTER_CPU_KERNELS")
+        cpu_kernels._library.cache_clear()
+    assert cpu_kernels.enabled(torch.device("cpu"), torch.float32)
+    assert not cpu_kernels.enabled(torch.device("cpu"), torch.float16)
