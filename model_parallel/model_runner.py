@@ -79,11 +79,13 @@ class ModelRunner:
             layer.self_attn.attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.attn.v_cache = self.kv_cache[1, i]
         logger.info(
-            "rank %d: KV cache of %d blocks x %d tokens = %d tokens",
+            "rank %d: KV cache of %d blocks x %d tokens = %d tokens; CPU kernels %s",
             tp.rank,
             self.num_blocks,
             self.block_size,
             self.num_blocks * self.block_size,
+            # built here if need be, not in the first request's step
+            "on" if cpu_kernels.enabled(device, dtype) else "off",
         )
 
     def _num_blocks(self, config: EngineConfig) -> int:
