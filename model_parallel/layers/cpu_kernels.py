@@ -110,6 +110,7 @@ def decode_attention(
     caches: [blocks, block_size, kv_heads, d]; block_tables: [B, W], context_lens: [B] int64."""
     b, heads, d = q.shape
     assert out.is_contiguous() and q.stride(2) == 1 and q.stride(1) == d
+    assert k_cache.dtype == v_cache.dtype == out.dtype == q.dtype
     _kernel("decode_attention", q.dtype)(
         out.data_ptr(),
         q.data_ptr(),
@@ -135,7 +136,7 @@ def rotary_(
     """In place on x [T, heads, d] whose heads and elements are contiguous (a view into the fused
     QKV output is fine); cos/sin: [max_positions, d]."""
     t, heads, d = x.shape
-    assert x.stride(2) == 1 and x.stride(1) == d
+    assert x.stride(2) == 1 and x.stride(1) == d and cos.dtype == sin.dtype == x.dtype
     _kernel("rotary", x.dtype)(
         x.data_ptr(),
         x.stride(0),
@@ -157,6 +158,7 @@ def add_rms_norm(
     overwritten by the norm of the sum (returned); without: a new tensor."""
     t, hidden = x.shape
     assert x.is_contiguous() and (residual is None or residual.is_contiguous())
+    assert weight.dtype == x.dtype
     out = x if residual is not None else torch.empty_like(x)
     _kernel("add_rms_norm", x.dtype)(
         out.data_ptr(),
