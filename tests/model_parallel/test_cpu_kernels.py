@@ -4,6 +4,9 @@ result independent of the rest of the batch; and the build cache and the opt-out
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
@@ -20,10 +23,10 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.fixture
-def torch_paths(monkeypatch: pytest.MonkeyPatch):
+def torch_paths(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], Any]], Any]:
     """Runs a callable with the kernels switched off: the layers' torch paths."""
 
-    def run(fn):
+    def run(fn: Callable[[], Any]) -> Any:
         with monkeypatch.context() as m:
             m.setattr(cpu_kernels, "enabled", lambda device, dtype: False)
             return fn()
@@ -86,7 +89,9 @@ def test_add_rms_norm_matches_the_torch_path(
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-def _decode_attention(dtype: torch.dtype, context_lens: list[int], num_blocks: int = 256):
+def _decode_attention(
+    dtype: torch.dtype, context_lens: list[int], num_blocks: int = 256
+) -> tuple[PagedAttention, AttentionMetadata, torch.Tensor]:
     """A PagedAttention with random caches and random block tables, and its decode metadata."""
     heads, kv_heads, d, bs = 9, 3, 64, 16
     gen = torch.Generator().manual_seed(1)
