@@ -51,6 +51,12 @@ static inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+/* Offset of token t's row in a cache of [blocks, block_size, kv_heads, head_dim], through a block
+ * table */
+static inline int64_t token_row(const int64_t *table, int t, int block_size, int64_t token_stride) {
+  return (table[t / block_size] * block_size + t % block_size) * token_stride;
+}
+
 static void softmax(float *x, int n) {
   float m = -INFINITY, sum = 0.f;
 #pragma omp simd reduction(max : m)
@@ -87,8 +93,7 @@ static void softmax(float *x, int n) {
         const int64_t *table = block_tables + (int64_t)b * max_blocks;                            \
         for (int i = 0; i < row; i++) qf[i] = ld_##S(q + b * q_stride + i);                       \
         for (int t = 0; t < ctx; t++) {                                                           \
-          const T *k = k_cache + (table[t / block_size] * block_size + t % block_size) *          \
-                                     token_stride;                                                \
+          const T *k = k_cache + token_row(table, t, block_size, token_stride);                   \
           for (int h = 0; h < num_heads; h++) {                                                   \
             const float *qh = qf + h * head_dim;                                                  \
             const T *kh = k + (h / group) * head_dim;                                             \
@@ -101,8 +106,7 @@ static void softmax(float *x, int n) {
         for (int h = 0; h < num_heads; h++) softmax(scores + h * ctx, ctx);                       \
         memset(acc, 0, sizeof(float) * row);                                                      \
         for (int t = 0; t < ctx; t++) {                                                           \
-          const T *v = v_cache + (table[t / block_size] * block_size + t % block_size) *          \
-                                     token_stride;                                                \
+          const T *v = v_cache + token_row(table, t, block_size, token_stride);                   \
           for (int h = 0; h < num_heads; h++) {                                                   \
             const float p = scores[h * ctx + t];                                                  \
             const T *vh = v + (h / group) * head_dim;                                             \
