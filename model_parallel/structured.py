@@ -107,11 +107,11 @@ class GrammarCompiler:
         """The rows of `seqs` under a grammar and a [len(seqs), ceil(V / 32)] int32 mask (bit j of
         word i: token 32 i + j allowed), filled on several threads: the cores are idle between
         forward passes, and one matcher takes ~1 ms."""
-        import xgrammar as xgr
-
         rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if not rows:
             return None
+        import xgrammar as xgr
+
         if self._batch is None:
             self._batch = xgr.BatchGrammarMatcher(max_threads=max(torch.get_num_threads(), 1))
         bitmask = xgr.allocate_token_bitmask(len(seqs), self.vocab_size)
