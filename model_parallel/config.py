@@ -103,7 +103,7 @@ class ModelConfig:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     block_size: int = 16
-    kv_cache_memory_gib: float | None = None  # CPU budget; None: 2 GiB on CPU
+    kv_cache_memory_gib: float | None = None  # None: 2 GiB on CPU, gpu_memory_utilization on CUDA
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the device the model + KV may use
     num_blocks: int | None = None  # overrides the budget (tests force preemption with it)
     enable_prefix_caching: bool = True

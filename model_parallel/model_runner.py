@@ -6,6 +6,7 @@ after them; only rows that reach their last known token are turned into logits.
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -94,11 +95,15 @@ class ModelRunner:
             return cache.num_blocks
         kv_heads = self.model.layers[0].self_attn.num_kv_heads
         per_token = kv_bytes_per_token(self.arch, kv_heads, self.dtype)
-        if self.device.type == "cuda":
+        if cache.kv_cache_memory_gib is not None:  # an explicit budget wins on every device
+            budget = cache.kv_cache_memory_gib * 2**30
+        elif self.device.type == "cuda":
+            gc.collect()  # a dropped engine's cache is still held by this process's allocator
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * cache.gpu_memory_utilization - (total - free)
         else:
-            budget = (cache.kv_cache_memory_gib or 2.0) * 2**30
+            budget = 2.0 * 2**30
         if budget <= 0:
             raise RuntimeError(
                 "no memory left for the KV cache; lower the model size or raise the budget"
