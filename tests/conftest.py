@@ -8,9 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_parallel.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from model_parallel.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from model_parallel.engine import LLMEngine
 from model_parallel.loader import DEFAULT_MODEL, resolve_model_path
+
+# 5k+ tokens: plenty, light on the CI box, and on a GPU the same whatever else holds memory
+SMALL_KV_GIB = 0.25
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -72,7 +81,7 @@ def make_engine() -> Callable[..., LLMEngine]:
     """An fp32 engine on the default model, with cache or scheduler settings overridden."""
 
     def build(dtype: str = "float32", **overrides: object) -> LLMEngine:
-        cache = {"kv_cache_memory_gib": 0.25}  # 5k+ tokens: plenty, and light on the CI box
+        cache = {"kv_cache_memory_gib": SMALL_KV_GIB}
         cache |= {k: v for k, v in overrides.items() if k in CacheConfig.__dataclass_fields__}
         sched = {k: v for k, v in overrides.items() if k in SchedulerConfig.__dataclass_fields__}
         return LLMEngine(
@@ -80,6 +89,7 @@ def make_engine() -> Callable[..., LLMEngine]:
                 model=ModelConfig(dtype=dtype),
                 cache=CacheConfig(**cache),
                 scheduler=SchedulerConfig(**sched),
+                parallel=ParallelConfig(device=str(overrides.get("device", "auto"))),
             )
         )
 

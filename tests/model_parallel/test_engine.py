@@ -12,7 +12,7 @@ import torch
 from model_parallel.async_engine import AsyncEngine, ProcessEngine
 from model_parallel.request import SamplingParams
 from model_parallel.structured import StructuredOutputSpec
-from tests.conftest import assert_pool_full, run_all, text_of, tokens_of
+from tests.conftest import SMALL_KV_GIB, assert_pool_full, run_all, text_of, tokens_of
 
 pytestmark = pytest.mark.slow
 
@@ -196,8 +196,8 @@ def test_oversized_prompts_are_refused_with_both_numbers(make_engine) -> None:
 
 def test_batch_invariance_greedy_alone_vs_full_chunked_batch(make_engine, prompts) -> None:
     """The default dtype (auto: bf16 or fp32 by CPU): a request's greedy output must not depend
-    on its batch."""
-    engine = make_engine(dtype="auto", max_num_batched_tokens=64)
+    on its batch. CPU only: on CUDA, cuBLAS and SDPA pick kernels by shape (README)."""
+    engine = make_engine(dtype="auto", max_num_batched_tokens=64, device="cpu")
     alone = {
         i: tokens_of(run_all(engine, {"x": (p, greedy(max_tokens=32))})["x"])
         for i, p in enumerate(prompts)
@@ -210,9 +210,9 @@ def test_batch_invariance_greedy_alone_vs_full_chunked_batch(make_engine, prompt
 
 
 def test_async_engine_streams_concurrently_and_aborts_on_close(prompts) -> None:
-    from model_parallel.config import EngineConfig
+    from model_parallel.config import CacheConfig, EngineConfig
 
-    engine = AsyncEngine(EngineConfig())
+    engine = AsyncEngine(EngineConfig(cache=CacheConfig(kv_cache_memory_gib=SMALL_KV_GIB)))
 
     async def collect(rid: str, p: list[int]) -> str:
         return "".join(
@@ -246,9 +246,9 @@ def test_async_engine_streams_concurrently_and_aborts_on_close(prompts) -> None:
 
 
 def test_process_engine_streams_refuses_and_aborts(prompts) -> None:  # noqa: ANN001
-    from model_parallel.config import EngineConfig
+    from model_parallel.config import CacheConfig, EngineConfig
 
-    engine = ProcessEngine(EngineConfig())
+    engine = ProcessEngine(EngineConfig(cache=CacheConfig(kv_cache_memory_gib=SMALL_KV_GIB)))
 
     async def collect(rid: str, p: list[int]) -> list[int]:
         return [
