@@ -96,18 +96,22 @@ def run_engine(
 
 def run_hf(model, tokenizer, prompts: list[list[int]], batch: int, max_tokens: int) -> Result:
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # some transformers versions leave it unset for this model
+        tokenizer.pad_token = tokenizer.eos_token
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
-        enc = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
+        enc = tokenizer.pad({"input_ids": chunk}, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             model.generate(
                 **enc,
                 max_new_tokens=max_tokens,
                 min_new_tokens=max_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or 2,
+                pad_token_id=tokenizer.pad_token_id,
             )
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     total = len(prompts) * max_tokens
     return Result("hf-generate", batch, len(prompts), total, seconds, total / seconds)
@@ -140,9 +144,11 @@ def main() -> None:
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(
-            str(engine.model_path), dtype=engine.runner.dtype
-        ).eval()
+        hf = (
+            AutoModelForCausalLM.from_pretrained(str(engine.model_path), dtype=engine.runner.dtype)
+            .to(engine.runner.device)
+            .eval()
+        )
     results = []
     print(
         f"{'system':<12} {'conc':>4} {'tok/s':>8} "
