@@ -31,14 +31,28 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gib", type=float, default=None, help="CPU KV budget (GiB)")
+    p.add_argument(
+        "--kv-cache-memory-gib",
+        type=float,
+        default=None,
+        help="KV cache budget in GiB (default: 2 on CPU; on CUDA --gpu-memory-utilization)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=CacheConfig().gpu_memory_utilization,
+        help="CUDA: the fraction of the device's memory weights + KV cache may take",
+    )
     p.add_argument("--tensor-parallel-size", type=int, default=1)
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len),
-        cache=CacheConfig(kv_cache_memory_gib=args.kv_cache_memory_gib),
+        cache=CacheConfig(
+            kv_cache_memory_gib=args.kv_cache_memory_gib,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        ),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
     )
 

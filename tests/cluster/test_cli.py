@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -36,3 +37,21 @@ def test_missing_model_exits_2_with_the_reason() -> None:
         timeout=300,
     )
     assert out.returncode == 2 and "not found" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--gpu-memory-utilization", "1.5", r"gpu_memory_utilization must be in \(0, 1\], got 1.5"),
+        ("--kv-cache-memory-gib", "0", "kv_cache_memory_gib must be > 0, got 0.0"),
+    ],
+)
+def test_bad_memory_budget_exits_2_naming_the_field(flag: str, value: str, message: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "serve", flag, value],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2
+    assert re.search(message, out.stderr), out.stderr
