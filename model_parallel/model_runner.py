@@ -106,7 +106,9 @@ class ModelRunner:
             budget = 2.0 * 2**30
         if budget <= 0:
             raise RuntimeError(
-                "no memory left for the KV cache; lower the model size or raise the budget"
+                f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB after the "
+                "weights and what else holds the device): raise --gpu-memory-utilization "
+                "or set --kv-cache-memory-gib"
             )
         return blocks_for_budget(budget, self.block_size, per_token)
 
