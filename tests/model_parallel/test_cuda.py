@@ -55,11 +55,13 @@ def test_cuda_kv_budget_explicit_or_from_free_memory() -> None:
     )
     assert small.block_manager.num_blocks == blocks_for_budget(0.25 * 2**30, 16, per_token)
     small.shutdown()
+    free, total = torch.cuda.mem_get_info()
     sizes = []
     for _ in range(2):
         e = cuda_engine()
         sizes.append(e.block_manager.num_blocks)
         e.shutdown()
         del e  # else it is still alive while the next one measures free memory
-    assert sizes[0] > 100 * small.block_manager.num_blocks
+    # most of what the default 0.9 of the device leaves (the engine's weights take the rest)
+    assert sizes[0] * 16 * per_token >= 0.5 * (0.9 * total - (total - free))
     assert sizes[1] >= 0.95 * sizes[0]
