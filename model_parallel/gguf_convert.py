@@ -97,13 +97,28 @@ def _tensors(reader: Any, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+def content_key(gguf_path: Path, index_dir: Path) -> str:
+    """The sha256 of the file's bytes, so the same GGUF at another path (a new venv, another clone)
+    finds its one conversion instead of writing another. Hashed once per path, size and mtime;
+    later starts read it back from a small index file."""
+    st = gguf_path.stat()
+    where = f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    entry = index_dir / hashlib.sha256(where.encode()).hexdigest()[:32]
+    if entry.exists():
+        return entry.read_text()
+    with open(gguf_path, "rb") as f:
+        key = hashlib.file_digest(f, "sha256").hexdigest()
+    index_dir.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+    tmp.write_text(key)
+    os.replace(tmp, entry)  # atomic: ranks starting together write the same key
+    return key
+
+
 def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     """The HF directory for `gguf_path`, converted on first use (atomically, so concurrent starts
     of several ranks or replicas never see a half-written directory)."""
-    st = gguf_path.stat()
-    key = hashlib.sha256(
-        f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
-    ).hexdigest()
+    key = content_key(gguf_path, cache_root / "gguf" / ".index")
     target = cache_root / "gguf" / f"{gguf_path.stem}-{key[:16]}"
     if (target / "config.json").exists():
         return target

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from model_parallel.config import LlamaArchConfig
-from model_parallel.gguf_convert import hf_name, unpermute_rope
-from model_parallel.loader import resolve_model_path
+from model_parallel.gguf_convert import convert_gguf, hf_name, unpermute_rope
+from model_parallel.loader import _builtin_gguf, resolve_model_path
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -40,6 +41,20 @@ def test_default_model_converts_to_a_smollm2_checkpoint(model_path) -> None:
     assert arch.tie_word_embeddings and arch.eos_token_ids == (2,)
     assert (model_path / "model.safetensors").exists() and (model_path / "tokenizer.json").exists()
     assert resolve_model_path(str(model_path)) == model_path
+
+
+def test_a_copy_of_the_gguf_finds_the_same_conversion(model_path, tmp_path) -> None:
+    """Another venv or clone holds the same file at another path: no second 540 MB conversion."""
+    cache = tmp_path / "cache"
+    (cache / "gguf").mkdir(parents=True)
+    (cache / "gguf" / model_path.name).symlink_to(model_path)  # the conversion, already there
+    gguf = _builtin_gguf()
+    copy = tmp_path / "venv2" / gguf.name
+    copy.parent.mkdir()
+    shutil.copy(gguf, copy)
+    assert convert_gguf(copy, cache).name == model_path.name  # found by content, not converted
+    assert len(list((cache / "gguf" / ".index").iterdir())) == 1  # the copy's path is indexed
+    assert convert_gguf(copy, cache).name == model_path.name
 
 
 def test_missing_model_is_a_clear_error_and_never_a_download(tmp_path) -> None:
