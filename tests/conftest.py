@@ -78,18 +78,18 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def make_engine() -> Callable[..., LLMEngine]:
-    """An fp32 engine on the default model, with cache or scheduler settings overridden."""
+    """An fp32 engine on the default model, with cache, scheduler or device settings overridden."""
 
     def build(dtype: str = "float32", **overrides: object) -> LLMEngine:
-        cache = {"kv_cache_memory_gib": SMALL_KV_GIB}
-        cache |= {k: v for k, v in overrides.items() if k in CacheConfig.__dataclass_fields__}
-        sched = {k: v for k, v in overrides.items() if k in SchedulerConfig.__dataclass_fields__}
+        def pick(cls: type) -> dict[str, object]:
+            return {k: v for k, v in overrides.items() if k in cls.__dataclass_fields__}
+
         return LLMEngine(
             EngineConfig(
                 model=ModelConfig(dtype=dtype),
-                cache=CacheConfig(**cache),
-                scheduler=SchedulerConfig(**sched),
-                parallel=ParallelConfig(device=str(overrides.get("device", "auto"))),
+                cache=CacheConfig(**({"kv_cache_memory_gib": SMALL_KV_GIB} | pick(CacheConfig))),
+                scheduler=SchedulerConfig(**pick(SchedulerConfig)),
+                parallel=ParallelConfig(**pick(ParallelConfig)),
             )
         )
 
