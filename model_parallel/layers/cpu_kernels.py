@@ -1,6 +1,7 @@
-"""The CPU kernels of cpu_kernels.c: built with the system C compiler on first use (under a second),
-cached per source, compiler and CPU, and called through ctypes. Without a compiler, or with
-LLMCLUSTER_CPU_KERNELS=0, the layers keep their torch paths, which CUDA always uses.
+"""The CPU kernels of cpu_kernels.c and block_quant.c: built with the system C compiler on first
+use (under a second), cached per source, compiler and CPU, and called through ctypes. Without a
+compiler, or with LLMCLUSTER_CPU_KERNELS=0, the layers keep their torch paths and oneDNN's
+matmuls, which CUDA always uses.
 
 They pay at decode's small batches, where a step is a few hundred torch ops on small tensors plus
 attention that gathers every sequence's KV blocks into a padded copy first."""
@@ -20,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from model_parallel.layers.block_quant import BlockQuantized
 from model_parallel.loader import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_suffix(".c")
+SOURCES = [Path(__file__).with_suffix(".c"), Path(__file__).with_name("block_quant.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -47,7 +49,7 @@ def _cpu_id() -> str:
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode()
+        "\0".join([*(s.read_text() for s in SOURCES), " ".join(FLAGS), version, _cpu_id()]).encode()
     ).hexdigest()[:16]
     target = default_cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -57,7 +59,7 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -87,11 +89,18 @@ def _library() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         for suffix in _SUFFIX.values():
             getattr(lib, f"{name}_{suffix}").argtypes = argtypes
+    if hasattr(lib, "block_quant_linear_f32"):  # built only where the CPU has AVX2 and FMA
+        lib.block_quant_linear_f32.argtypes = [_P, _P, _I, _I, _P, _I, _I, _P, _I]
     return lib
 
 
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in _SUFFIX and _library() is not None
+
+
+def block_quant_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    lib = _library() if device.type == "cpu" and dtype == torch.float32 else None
+    return lib is not None and hasattr(lib, "block_quant_linear_f32")
 
 
 def _kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
@@ -171,3 +180,24 @@ def add_rms_norm(
         torch.get_num_threads(),
     )
     return out
+
+
+def block_quant_linear(
+    x: torch.Tensor, weight: BlockQuantized, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [..., in] fp32 times the block-quantized weight (plus bias): [..., out]."""
+    rows = x.reshape(-1, weight.in_features).contiguous()
+    y = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
+    assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype)
+    _library().block_quant_linear_f32(
+        y.data_ptr(),
+        rows.data_ptr(),
+        rows.shape[0],
+        weight.in_features,
+        weight.blocks.data_ptr(),
+        weight.out_features,
+        weight.bits,
+        None if bias is None else bias.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return y.view(*x.shape[:-1], weight.out_features)

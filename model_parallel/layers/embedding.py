@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_parallel.distributed import TPGroup
-from model_parallel.layers.linear import linear, pack_weight
+from model_parallel.layers.linear import Packed, linear, pack_weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -40,7 +40,7 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Each rank scores its vocabulary slice; the slices are gathered for the sampler."""
 
-    packed: torch.Tensor | None = None
+    packed: Packed | None = None
 
     def pack(self) -> None:
         self.packed = pack_weight(self.weight)

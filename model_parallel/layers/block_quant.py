@@ -1,0 +1,76 @@
+"""Weights that are exactly a block quantization (a GGUF's Q4_1 or Q8_0, dequantized to fp32 by
+the loader) kept in that form: 6 or 9 bits a weight instead of 32. Decode at a few dozen rows
+streams every weight once a step, so this cuts its memory traffic five-fold; the C kernel expands
+each block back to the very same fp32 values before multiplying, so results stay fp32 results.
+
+Nothing is approximated: a weight is taken only when every value is reproduced bit for bit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 32  # inputs per scale (GGUF's block)
+COLUMNS = 16  # output features laid side by side, one kernel tile wide
+
+
+@dataclass(frozen=True)
+class BlockQuantized:
+    """Per tile of 16 output features x 32 inputs: 16 fp32 scales, then for 4 bits 16 fp32
+    minimums and 32 rows of 8 bytes (feature j in the low nibble of byte j, j + 8 in the high),
+    for 8 bits 32 rows of 16 signed bytes. Tiles run along the inputs, then the features."""
+
+    blocks: torch.Tensor  # uint8 [out / 16, in / 32, tile bytes]
+    bits: int
+    out_features: int
+    in_features: int
+
+
+def _as_q8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """v = d * q, q in [-127, 127]: Q8_0."""
+    d = v.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, v / d, 0).round().clamp(-127, 127)
+    return (d, q) if torch.equal(d * q, v) else None
+
+
+def _as_q4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """v = d * q + m, q in [0, 15], d an fp16 value: Q4_1 (whose m is the block's minimum)."""
+    m = v.amin(-1, keepdim=True)
+    d = ((v.amax(-1, keepdim=True) - m) / 15).half().float()
+    q = torch.where(d > 0, (v - m) / d, 0).round().clamp(0, 15)
+    return (d, q, m) if torch.equal(d * q + m, v) else None
+
+
+def _tiles(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[out, in / 32, w] -> [out / 16, in / 32, 16, w]"""
+    return x.view(groups, COLUMNS, *x.shape[1:]).transpose(1, 2)
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """[G, nb, ...] -> [G, nb, bytes]"""
+    return x.contiguous().view(torch.uint8).flatten(2)
+
+
+def block_quantize(weight: torch.Tensor) -> BlockQuantized | None:
+    """The exact 4- or 8-bit form of an fp32 [out, in] weight, or None where there is none."""
+    out_features, in_features = weight.shape
+    if weight.dtype != torch.float32 or out_features % COLUMNS or in_features % BLOCK:
+        return None
+    v = weight.detach().reshape(out_features, in_features // BLOCK, BLOCK)
+    if not torch.isfinite(v).all():
+        return None
+    groups = out_features // COLUMNS
+    # the first tile's rows decide cheaply which form to check in full (an 8-bit LM head is big)
+    if _as_q4(v[:COLUMNS]) is not None and (q4 := _as_q4(v)) is not None:
+        d, q, m = q4
+        q = _tiles(q.to(torch.uint8), groups).transpose(2, 3)  # [G, nb, 32 inputs, 16 features]
+        nibbles = q[..., : COLUMNS // 2] | (q[..., COLUMNS // 2 :] << 4)
+        parts, bits = [_tiles(d, groups), _tiles(m, groups), nibbles], 4
+    elif (q8 := _as_q8(v)) is not None:
+        d, q = q8
+        parts, bits = [_tiles(d, groups), _tiles(q.to(torch.int8), groups).transpose(2, 3)], 8
+    else:
+        return None
+    blocks = torch.cat([_bytes(p) for p in parts], dim=-1)
+    return BlockQuantized(blocks, bits, out_features, in_features)
