@@ -56,6 +56,9 @@ def run_engine(
     engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_tokens: int
 ) -> Result:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    # Each run starts cold: earlier runs sent the same prompts. (Within a run, prompts still
+    # share the chat template's cached blocks, as they would in a server.)
+    engine.block_manager.reset_prefix_cache()
     queue = list(enumerate(prompts))
     start_t: dict[str, float] = {}
     first_t: dict[str, float] = {}

@@ -118,3 +118,12 @@ class BlockManager:
                     self.free_queue.move_to_end(block_id, last=False)
         seq.block_table = []
         self._seq_hashes.pop(seq.seq_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the hashes of the blocks nobody holds (vLLM's reset_prefix_cache): a benchmark
+        run then starts as cold as the first. Blocks in use keep theirs."""
+        for block_id in self.free_queue:
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                del self.cached[block.hash]
+                block.hash = None

@@ -75,3 +75,15 @@ def test_prefix_caching_off_finds_nothing() -> None:
     a = seq(0, range(5))
     compute(bm, a, 5)
     assert bm.get_computed_blocks(seq(1, range(5))) == []
+
+
+def test_reset_prefix_cache_forgets_only_free_blocks() -> None:
+    bm = BlockManager(8, 4)
+    held, gone = seq(0, range(9)), seq(1, range(100, 109))
+    compute(bm, held, 9)
+    compute(bm, gone, 9)
+    bm.free(gone)
+    bm.reset_prefix_cache()
+    assert bm.get_computed_blocks(seq(2, range(100, 109))) == []
+    assert bm.get_computed_blocks(seq(3, range(9))) == held.block_table[:2]
+    assert bm.num_free_blocks == 8 - 3
