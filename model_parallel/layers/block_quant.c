@@ -102,6 +102,7 @@ ROWS_TIMES(rows_times_expanded, NULL, tile)
 void block_quant_linear_f32(float *y, const float *x, int m, int k, const uint8_t *w, int n,
                             int bits, const float *bias, int num_threads) {
   const long per_tile = tile_bytes(bits) * (k / BLOCK);
+  if (m == 0) return; /* a chunked-prefill step may ask the LM head for no rows */
 #pragma omp parallel num_threads(num_threads)
   {
     float *panel = m > 6 ? aligned_alloc(64, (size_t)k * COLUMNS * sizeof(float)) : NULL;

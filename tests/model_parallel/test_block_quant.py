@@ -59,6 +59,7 @@ def test_product_is_an_fp32_matmul_and_each_row_is_independent(bias: bool) -> No
     assert q is not None
     torch.manual_seed(0)
     b = torch.randn(48) if bias else None
+    assert cpu_kernels.block_quant_linear(torch.randn(0, 128), q, b).shape == (0, 48)
     for m in [1, 2, 3, 5, 7, 8, 9, 13, 32, 67]:  # every row count the kernel tiles differently
         x = torch.randn(m, 128)
         y = cpu_kernels.block_quant_linear(x, q, b)
