@@ -44,31 +44,32 @@ static void expand_tile(float *restrict panel, const uint8_t *restrict tile, int
     }
 }
 
-/* R rows of x (row stride k) times the tile's weights into y (row stride n): read from the
- * expanded panel [k][16], or, with panel NULL, expanded in registers as they are needed (a few
- * rows: the panel's stores and loads would cost more than the multiplies). Same values, same
- * order of each FMA chain either way. */
+/* R rows of x (row stride k) times the tile's weights into y (row stride n), the weights read
+ * from the expanded panel [k][16] (source 0), or expanded in registers as they are needed
+ * (source = bits: a few rows, where the panel's stores and loads would cost more than the
+ * multiplies). Same values, same order of each FMA chain either way. R and source are constants
+ * in every copy, so the loop holds no branch. */
 static inline __attribute__((always_inline)) void rows_times_tile(
-    int r_rows, const float *restrict x, const float *restrict panel, const uint8_t *restrict tile,
-    int k, int bits, float *restrict y, long n, const float *restrict bias) {
+    int r_rows, int source, const float *restrict x, const float *restrict panel,
+    const uint8_t *restrict tile, int k, float *restrict y, long n, const float *restrict bias) {
   __m256 acc[6][2];
 #pragma GCC unroll 6
   for (int r = 0; r < r_rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int kb = 0; kb < k / BLOCK; kb++) {
-    const uint8_t *block = tile + kb * tile_bytes(bits);
+    const uint8_t *block = tile + kb * tile_bytes(source);
+    const float *rows = panel + (long)kb * BLOCK * COLUMNS, *xb = x + kb * BLOCK;
 #pragma GCC unroll 4 /* ~10-20% over the plain loop, measured; the order within a chain stays */
     for (int i = 0; i < BLOCK; i++) {
-      const int j = kb * BLOCK + i;
       __m256 w0, w1;
-      if (panel) {
-        w0 = _mm256_load_ps(panel + j * COLUMNS);
-        w1 = _mm256_load_ps(panel + j * COLUMNS + 8);
+      if (source == 0) {
+        w0 = _mm256_load_ps(rows + i * COLUMNS);
+        w1 = _mm256_load_ps(rows + i * COLUMNS + 8);
       } else {
-        expand_row(block, i, bits, &w0, &w1);
+        expand_row(block, i, source, &w0, &w1);
       }
 #pragma GCC unroll 6
       for (int r = 0; r < r_rows; r++) {
-        const __m256 a = _mm256_broadcast_ss(x + (long)r * k + j);
+        const __m256 a = _mm256_broadcast_ss(xb + (long)r * k + i);
         acc[r][0] = _mm256_fmadd_ps(a, w0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(a, w1, acc[r][1]);
       }
@@ -83,21 +84,22 @@ static inline __attribute__((always_inline)) void rows_times_tile(
   }
 }
 
-/* one register-resident copy per row count, from the panel (P) or the tile (T) */
-#define ROWS_TIMES(NAME, PANEL, TILE)                                                            \
-  static void NAME(int r_rows, const float *x, const float *panel, const uint8_t *tile, int k,  \
-                   int bits, float *y, long n, const float *bias) {                             \
-    switch (r_rows) {                                                                           \
-      case 1: rows_times_tile(1, x, PANEL, TILE, k, bits, y, n, bias); break;                   \
-      case 2: rows_times_tile(2, x, PANEL, TILE, k, bits, y, n, bias); break;                   \
-      case 3: rows_times_tile(3, x, PANEL, TILE, k, bits, y, n, bias); break;                   \
-      case 4: rows_times_tile(4, x, PANEL, TILE, k, bits, y, n, bias); break;                   \
-      case 5: rows_times_tile(5, x, PANEL, TILE, k, bits, y, n, bias); break;                   \
-      default: rows_times_tile(6, x, PANEL, TILE, k, bits, y, n, bias); break;                  \
-    }                                                                                           \
+/* one register-resident copy per row count and source */
+#define ROWS_TIMES(NAME, SOURCE)                                                                  \
+  static void NAME(int r_rows, const float *x, const float *panel, const uint8_t *tile, int k,   \
+                   float *y, long n, const float *bias) {                                        \
+    switch (r_rows) {                                                                            \
+      case 1: rows_times_tile(1, SOURCE, x, panel, tile, k, y, n, bias); break;                  \
+      case 2: rows_times_tile(2, SOURCE, x, panel, tile, k, y, n, bias); break;                  \
+      case 3: rows_times_tile(3, SOURCE, x, panel, tile, k, y, n, bias); break;                  \
+      case 4: rows_times_tile(4, SOURCE, x, panel, tile, k, y, n, bias); break;                  \
+      case 5: rows_times_tile(5, SOURCE, x, panel, tile, k, y, n, bias); break;                  \
+      default: rows_times_tile(6, SOURCE, x, panel, tile, k, y, n, bias); break;                 \
+    }                                                                                            \
   }
-ROWS_TIMES(rows_times_panel, panel, NULL)
-ROWS_TIMES(rows_times_expanded, NULL, tile)
+ROWS_TIMES(rows_from_panel, 0)
+ROWS_TIMES(rows_from_q4, 4)
+ROWS_TIMES(rows_from_q8, 8)
 
 void block_quant_linear_f32(float *y, const float *x, int m, int k, const uint8_t *w, int n,
                             int bits, const float *bias, int num_threads) {
@@ -111,7 +113,7 @@ void block_quant_linear_f32(float *y, const float *x, int m, int k, const uint8_
       const uint8_t *tile = w + t * per_tile;
       const float *b = bias ? bias + t * COLUMNS : NULL;
       if (!panel) {
-        rows_times_expanded(m, x, NULL, tile, k, bits, y + t * COLUMNS, n, b);
+        (bits == 4 ? rows_from_q4 : rows_from_q8)(m, x, NULL, tile, k, y + t * COLUMNS, n, b);
         continue;
       }
       expand_tile(panel, tile, k, bits);
@@ -119,8 +121,8 @@ void block_quant_linear_f32(float *y, const float *x, int m, int k, const uint8_
         /* six rows at a time; a tail of 7-9 goes as 4 + the rest (two short chains are slow) */
         const int left = m - row;
         const int r_rows = left >= 10 || left == 6 ? 6 : left > 6 ? left - 4 : left;
-        rows_times_panel(r_rows, x + (long)row * k, panel, NULL, k, bits,
-                         y + (long)row * n + t * COLUMNS, n, b);
+        rows_from_panel(r_rows, x + (long)row * k, panel, NULL, k, y + (long)row * n + t * COLUMNS,
+                        n, b);
         row += r_rows;
       }
     }
