@@ -1,5 +1,6 @@
 """Engine throughput and latency at fixed concurrency, against HuggingFace `generate` (static batch
-of the same size, same dtype) on the same machine in the same run.
+of the same size, the engine's dtype unless --hf-dtype says otherwise) on the same machine in the
+same run.
 
     .venv/bin/python benchmarks/engine_throughput.py --concurrency 1 8 32 64 --json out.json
 """
@@ -132,6 +133,7 @@ def main() -> None:
     )
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-dtype", help="HF generate's dtype (default: the engine's)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     config = EngineConfig(
@@ -148,7 +150,9 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         hf = (
-            AutoModelForCausalLM.from_pretrained(str(engine.model_path), dtype=engine.runner.dtype)
+            AutoModelForCausalLM.from_pretrained(
+                str(engine.model_path), dtype=args.hf_dtype or engine.runner.dtype
+            )
             .to(engine.runner.device)
             .eval()
         )
