@@ -56,7 +56,7 @@ static inline __attribute__((always_inline)) void rows_times_tile(
 #pragma GCC unroll 6
   for (int r = 0; r < r_rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int kb = 0; kb < k / BLOCK; kb++) {
-    const uint8_t *block = tile + kb * tile_bytes(source);
+    const uint8_t *block = source ? tile + kb * tile_bytes(source) : NULL;
     const float *rows = panel + (long)kb * BLOCK * COLUMNS, *xb = x + kb * BLOCK;
 #pragma GCC unroll 4 /* ~10-20% over the plain loop, measured; the order within a chain stays */
     for (int i = 0; i < BLOCK; i++) {

@@ -99,8 +99,11 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def block_quant_enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    lib = _library() if device.type == "cpu" and dtype == torch.float32 else None
-    return lib is not None and hasattr(lib, "block_quant_linear_f32")
+    return (
+        dtype == torch.float32
+        and enabled(device, dtype)
+        and hasattr(_library(), "block_quant_linear_f32")
+    )
 
 
 def _kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:

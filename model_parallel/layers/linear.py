@@ -22,8 +22,8 @@ Packed = torch.Tensor | BlockQuantized
 
 def pack_weight(weight: torch.Tensor) -> Packed | None:
     """The fastest form of a CPU weight, prepared once. First an fp32 weight that is exactly a
-    GGUF block quantization, kept as such for the C kernel (decode at 32 rows: 77-85 ms a step
-    of linears instead of oneDNN's 106-108, 16 instead of 35 at one row, on a 2-core AVX2 CPU).
+    GGUF block quantization, kept as such for the C kernel (a decode step's linears at 32 rows:
+    56-66 ms instead of oneDNN's 106-108, 7.4 instead of 35 at one row, on a 2-core AVX2 CPU).
     Else oneDNN's blocked layout: faster than F.linear on the plain weight (measured at decode's
     few rows: ~20% in bf16 on AVX512-BF16, 30-50% in fp32 on an AVX2-only CPU). None where
     neither applies or the CPU lacks the instructions (bf16: AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
