@@ -10,6 +10,7 @@ import os
 import sys
 
 from model_parallel.config import (
+    QUANTIZATIONS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -30,6 +31,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="a local HF checkpoint directory, a .gguf file, or the built-in default",
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=list(QUANTIZATIONS),
+        help="w4a8: a GGUF's 4-bit weights times 8-bit activations on CPU (faster, not exact)",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
         "--kv-cache-memory-gib",
@@ -48,7 +55,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len),
+        model=ModelConfig(
+            model=args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            quantization=args.quantization,
+        ),
         cache=CacheConfig(
             kv_cache_memory_gib=args.kv_cache_memory_gib,
             gpu_memory_utilization=args.gpu_memory_utilization,

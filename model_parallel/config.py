@@ -11,24 +11,18 @@ from typing import Any
 import torch
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: there bf16 matmuls run ~4x fp32; on AVX2-only CPUs they run 5-8x
-    slower than fp32 (measured on both kinds of our 2-core machines)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+# none: weights multiply as their dtype; w4a8: a GGUF's 4-bit weights times 8-bit activations
+QUANTIZATIONS = ("none", "w4a8")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is what runs fastest: bf16 on GPUs and on CPUs with native bf16, else fp32."""
+    """`auto` is the fastest dtype that keeps batch invariance: bf16 on GPUs; fp32 on CPUs, where
+    our kernels are the invariant path and their bf16 (vdpbf16ps) linears measured no faster than
+    the fp32 ones over a GGUF's 4-bit blocks (53 vs 52 ms a 32-row decode step, 12.6 vs 9.4 at one
+    row, on an AVX512-BF16 Xeon) and 5x slower on AVX2-only CPUs. oneDNN's bf16 is faster where
+    the CPU has AMX but gives a row other bits alone than in a batch."""
     if name == "auto":
-        native = device.type == "cuda" or cpu_has_native_bf16()
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
     return _DTYPES[name]
@@ -98,6 +92,13 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     cache_dir: str | None = None  # where converted GGUF checkpoints live; None: ~/.cache/llmcluster
     seed: int = 0
+    quantization: str = "none"  # one of QUANTIZATIONS
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

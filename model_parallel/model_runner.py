@@ -26,6 +26,7 @@ from model_parallel.forward_context import (
     decode_mask,
 )
 from model_parallel.layers import cpu_kernels
+from model_parallel.layers.w4a8 import W4A8
 from model_parallel.loader import load_weights
 from model_parallel.models.llama import LlamaForCausalLM
 from model_parallel.scheduler import ScheduledSequence
@@ -58,9 +59,7 @@ class ModelRunner:
                 torch.set_default_dtype(prev)
         load_weights(self.model, Path(path))
         self.model.eval()
-        for module in self.model.modules():
-            if hasattr(module, "pack"):
-                module.pack()
+        self._pack(config.model.quantization)
         # Every rank sizes its own pool; all use the smallest, since the block tables are shared.
         local = torch.tensor([self._num_blocks(config)], device=device)
         self.num_blocks = int(tp.all_reduce(local, op=torch.distributed.ReduceOp.MIN).item())
@@ -88,6 +87,18 @@ class ModelRunner:
             # built here if need be, not in the first request's step
             "on" if cpu_kernels.enabled(device, dtype) else "off",
         )
+
+    def _pack(self, quantization: str) -> None:
+        """Weights into their kernels' layouts, once; a quantization that fits none of them is an
+        error, not a silent no-op."""
+        if quantization == "w4a8" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError("--quantization w4a8 runs on CPU in float32 (--dtype auto/float32)")
+        packed = [m.pack(quantization) for m in self.model.modules() if hasattr(m, "pack")]
+        if quantization == "w4a8" and not any(isinstance(p, W4A8) for p in packed):
+            raise ValueError(
+                "--quantization w4a8 needs 4-bit (Q4_1) GGUF weights and the CPU kernels (AVX2); "
+                "this model has none that qualify"
+            )
 
     def _num_blocks(self, config: EngineConfig) -> int:
         cache = config.cache

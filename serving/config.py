@@ -69,6 +69,7 @@ _MODEL_KEYS = {
     "model",
     "served_model_name",
     "dtype",
+    "quantization",
     "max_model_len",
     "tensor_parallel_size",
     "device",

@@ -16,6 +16,7 @@ from model_parallel.config import (
     SchedulerConfig,
 )
 from model_parallel.engine import LLMEngine
+from model_parallel.layers import cpu_kernels
 from model_parallel.loader import DEFAULT_MODEL, resolve_model_path
 
 # 5k+ tokens: plenty, light on the CI box, and on a GPU the same whatever else holds memory
@@ -31,6 +32,18 @@ CHAT_PROMPTS = [
     "Give me a tip for learning to program.",
     "What is 12 times 7?",
 ]
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def kernel_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each CPU kernel set in turn, where this CPU has it: the AVX2 one runs on AVX512 CPUs too."""
+    isa = request.param
+    if isa not in cpu_kernels.supported_isas():
+        pytest.skip(f"this CPU lacks the {isa} instruction set")
+    if cpu_kernels.library(isa) is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", isa)
+    return isa
 
 
 @pytest.fixture(scope="session")
@@ -80,13 +93,13 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
 def make_engine() -> Callable[..., LLMEngine]:
     """An fp32 engine on the default model, with cache, scheduler or device settings overridden."""
 
-    def build(dtype: str = "float32", **overrides: object) -> LLMEngine:
+    def build(dtype: str = "float32", quantization: str = "none", **overrides: object) -> LLMEngine:
         def pick(cls: type) -> dict[str, object]:
             return {k: v for k, v in overrides.items() if k in cls.__dataclass_fields__}
 
         return LLMEngine(
             EngineConfig(
-                model=ModelConfig(dtype=dtype),
+                model=ModelConfig(dtype=dtype, quantization=quantization),
                 cache=CacheConfig(**({"kv_cache_memory_gib": SMALL_KV_GIB} | pick(CacheConfig))),
                 scheduler=SchedulerConfig(**pick(SchedulerConfig)),
                 parallel=ParallelConfig(**pick(ParallelConfig)),

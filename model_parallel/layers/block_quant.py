@@ -27,14 +27,14 @@ class BlockQuantized:
     in_features: int
 
 
-def _as_q8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def as_q8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """v = d * q, q in [-127, 127]: Q8_0."""
     d = v.abs().amax(-1, keepdim=True) / 127
     q = torch.where(d > 0, v / d, 0).round().clamp(-127, 127)
     return (d, q) if torch.equal(d * q, v) else None
 
 
-def _as_q4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def as_q4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """v = d * q + m, q in [0, 15], d an fp16 value: Q4_1 (whose m is the block's minimum)."""
     m = v.amin(-1, keepdim=True)
     d = ((v.amax(-1, keepdim=True) - m) / 15).half().float()
@@ -42,12 +42,12 @@ def _as_q4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] |
     return (d, q, m) if torch.equal(d * q + m, v) else None
 
 
-def _tiles(x: torch.Tensor, groups: int) -> torch.Tensor:
+def to_tiles(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[out, in / 32, w] -> [out / 16, in / 32, 16, w]"""
     return x.view(groups, COLUMNS, *x.shape[1:]).transpose(1, 2)
 
 
-def _bytes(x: torch.Tensor) -> torch.Tensor:
+def as_bytes(x: torch.Tensor) -> torch.Tensor:
     """[G, nb, ...] -> [G, nb, bytes]"""
     return x.contiguous().view(torch.uint8).flatten(2)
 
@@ -62,15 +62,15 @@ def block_quantize(weight: torch.Tensor) -> BlockQuantized | None:
         return None
     groups = out_features // COLUMNS
     # the first tile's rows decide cheaply which form to check in full (an 8-bit LM head is big)
-    if _as_q4(v[:COLUMNS]) is not None and (q4 := _as_q4(v)) is not None:
+    if as_q4(v[:COLUMNS]) is not None and (q4 := as_q4(v)) is not None:
         d, q, m = q4
-        q = _tiles(q.to(torch.uint8), groups).transpose(2, 3)  # [G, nb, 32 inputs, 16 features]
+        q = to_tiles(q.to(torch.uint8), groups).transpose(2, 3)  # [G, nb, 32 inputs, 16 features]
         nibbles = q[..., : COLUMNS // 2] | (q[..., COLUMNS // 2 :] << 4)
-        parts, bits = [_tiles(d, groups), _tiles(m, groups), nibbles], 4
-    elif (q8 := _as_q8(v)) is not None:
+        parts, bits = [to_tiles(d, groups), to_tiles(m, groups), nibbles], 4
+    elif (q8 := as_q8(v)) is not None:
         d, q = q8
-        parts, bits = [_tiles(d, groups), _tiles(q.to(torch.int8), groups).transpose(2, 3)], 8
+        parts, bits = [to_tiles(d, groups), to_tiles(q.to(torch.int8), groups).transpose(2, 3)], 8
     else:
         return None
-    blocks = torch.cat([_bytes(p) for p in parts], dim=-1)
+    blocks = torch.cat([as_bytes(p) for p in parts], dim=-1)
     return BlockQuantized(blocks, bits, out_features, in_features)

@@ -1,7 +1,12 @@
-"""The CPU kernels of cpu_kernels.c and block_quant.c: built with the system C compiler on first
-use (under a second), cached per source, compiler and CPU, and called through ctypes. Without a
-compiler, or with LLMCLUSTER_CPU_KERNELS=0, the layers keep their torch paths and oneDNN's
-matmuls, which CUDA always uses.
+"""The CPU kernels of cpu_kernels.c and cpu_linear.c: built with the system C compiler on first
+use (a second or two), once per instruction set, cached per source, compiler and flags, and called
+through ctypes. Without a compiler, or with LLMCLUSTER_CPU_KERNELS=0, the layers keep their torch
+paths (F.linear, SDPA), which CUDA always uses.
+
+The instruction set is picked at run time from the CPU's flags: `avx2` (x86-64-v3: AVX2, FMA)
+runs on every x86 we meet; `avx512` (x86-64-v4 with AVX512-BF16 and VNNI, e.g. Zen 4) adds the
+vdpbf16ps bf16 linears. LLMCLUSTER_CPU_KERNELS=avx2 caps the pick (the tests run each set the CPU
+has). Each set's kernels are batch-invariant on their own; two sets may differ in the last bits.
 
 They pay at decode's small batches, where a step is a few hundred torch ops on small tensors plus
 attention that gathers every sequence's KV blocks into a padded copy first."""
@@ -13,7 +18,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -22,12 +26,28 @@ from pathlib import Path
 import torch
 
 from model_parallel.layers.block_quant import BlockQuantized
+from model_parallel.layers.panel import Panel
+from model_parallel.layers.w4a8 import W4A8
 from model_parallel.loader import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_suffix(".c"), Path(__file__).with_name("block_quant.c")]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+SOURCES = [Path(__file__).with_suffix(".c")] + [
+    Path(__file__).with_name(f"{name}.c") for name in ("cpu_linear", "w4a8")
+]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# best first: each set's compiler flags and the /proc/cpuinfo flags it needs
+ISAS = {
+    "avx512": (
+        ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"],
+        {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni"},
+    ),
+    "avx2": (
+        ["-march=x86-64-v3"],
+        {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe", "xsave"},
+    ),
+    "baseline": ([], set()),
+}
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -35,21 +55,43 @@ _SIGNATURES = {
     "rotary": [_P, ctypes.c_int64, _I, _I, _I, _P, _P, _P, _I],
     "add_rms_norm": [_P] * 4 + [_I, _I, _F, _I],
 }
+_LINEARS = {  # built only where the set has AVX2 and FMA
+    "block_quant_linear_f32": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
+    "panel_linear_f32": [_P, _P, _I, _I, _P, _I, _P, _I],
+    "panel_linear_bf16": [_P, _P, _I, _I, _P, _I, _P, _I],
+    "w4a8_linear_f32": [_P, _P, _I, _I, _P, _I, _P, _I],
+}
 
 
-def _cpu_id() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
+@functools.cache
+def supported_isas() -> tuple[str, ...]:
+    """The instruction sets this CPU runs, best first (always ends with `baseline`)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = set(next((ln for ln in lines if ln.startswith("flags")), "").split())
     except OSError:
-        return platform.processor()
-    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+        flags = set()
+    return tuple(name for name, (_, needs) in ISAS.items() if needs <= flags)
 
 
-def _build(compiler: str) -> Path:
+def isa() -> str | None:
+    """The set the kernels run on: the best this CPU has, at most LLMCLUSTER_CPU_KERNELS's; None
+    when the kernels are off."""
+    choice = os.environ.get("LLMCLUSTER_CPU_KERNELS", "1")
+    if choice == "0":
+        return None
+    supported = supported_isas()
+    if choice in ("1", ""):
+        return supported[0]
+    if choice not in ISAS:
+        raise ValueError(f"LLMCLUSTER_CPU_KERNELS must be 0, 1 or one of {', '.join(ISAS)}")
+    return next(s for s in supported if list(ISAS).index(s) >= list(ISAS).index(choice))
+
+
+def _build(compiler: str, flags: list[str]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\0".join([*(s.read_text() for s in SOURCES), " ".join(FLAGS), version, _cpu_id()]).encode()
+        "\0".join([*(s.read_text() for s in SOURCES), " ".join(flags), version]).encode()
     ).hexdigest()[:16]
     target = default_cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -59,7 +101,7 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"],
+            [compiler, *flags, *map(str, SOURCES), "-o", str(out), "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -73,37 +115,39 @@ def _compiler() -> str | None:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("LLMCLUSTER_CPU_KERNELS", "1") == "0":
-        return None
+def library(name: str) -> ctypes.CDLL | None:
+    """The kernels built for instruction set `name` (one this CPU runs)."""
     compiler = _compiler()
     if compiler is None:
         logger.warning("no C compiler found: CPU decode runs on the slower torch paths")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))  # torch is loaded: it shares torch's libgomp
+        lib = ctypes.CDLL(str(_build(compiler, FLAGS + ISAS[name][0])))  # shares torch's libgomp
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
         logger.warning("CPU kernels unavailable (%s): using the torch paths", detail)
         return None
-    for name, argtypes in _SIGNATURES.items():
+    for kernel, argtypes in _SIGNATURES.items():
         for suffix in _SUFFIX.values():
-            getattr(lib, f"{name}_{suffix}").argtypes = argtypes
-    if hasattr(lib, "block_quant_linear_f32"):  # built only where the CPU has AVX2 and FMA
-        lib.block_quant_linear_f32.argtypes = [_P, _P, _I, _I, _P, _I, _I, _P, _I]
+            getattr(lib, f"{kernel}_{suffix}").argtypes = argtypes
+    for kernel, argtypes in _LINEARS.items():
+        if hasattr(lib, kernel):
+            getattr(lib, kernel).argtypes = argtypes
     return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    name = isa()
+    return None if name is None else library(name)
 
 
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in _SUFFIX and _library() is not None
 
 
-def block_quant_enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    return (
-        dtype == torch.float32
-        and enabled(device, dtype)
-        and hasattr(_library(), "block_quant_linear_f32")
-    )
+def linear_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `linear` runs weights of this dtype (the AVX2 and AVX512 sets)."""
+    return enabled(device, dtype) and hasattr(_library(), "panel_linear_f32")
 
 
 def _kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
@@ -185,22 +229,37 @@ def add_rms_norm(
     return out
 
 
-def block_quant_linear(
-    x: torch.Tensor, weight: BlockQuantized, bias: torch.Tensor | None
+def linear(
+    x: torch.Tensor, weight: BlockQuantized | Panel | W4A8, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x [..., in] fp32 times the block-quantized weight (plus bias): [..., out]."""
+    """x [..., in] times a prepared weight (plus bias): [..., out], in x's dtype (fp32, or bf16
+    for a bf16 panel)."""
     rows = x.reshape(-1, weight.in_features).contiguous()
     y = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
     assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype)
-    _library().block_quant_linear_f32(
-        y.data_ptr(),
-        rows.data_ptr(),
-        rows.shape[0],
-        weight.in_features,
-        weight.blocks.data_ptr(),
-        weight.out_features,
-        weight.bits,
-        None if bias is None else bias.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return y.view(*x.shape[:-1], weight.out_features)
+    lib, bias_ptr = _library(), None if bias is None else bias.data_ptr()
+    m, k, n = rows.shape[0], weight.in_features, weight.out_features
+    threads = torch.get_num_threads()
+    if isinstance(weight, W4A8):
+        assert x.dtype == torch.float32
+        lib.w4a8_linear_f32(
+            y.data_ptr(), rows.data_ptr(), m, k, weight.blocks.data_ptr(), n, bias_ptr, threads
+        )
+    elif isinstance(weight, BlockQuantized):
+        assert x.dtype == torch.float32
+        lib.block_quant_linear_f32(
+            y.data_ptr(),
+            rows.data_ptr(),
+            m,
+            k,
+            weight.blocks.data_ptr(),
+            n,
+            weight.bits,
+            bias_ptr,
+            threads,
+        )
+    else:
+        assert x.dtype == weight.data.dtype
+        kernel = lib.panel_linear_f32 if x.dtype == torch.float32 else lib.panel_linear_bf16
+        kernel(y.data_ptr(), rows.data_ptr(), m, k, weight.data.data_ptr(), n, bias_ptr, threads)
+    return y.view(*x.shape[:-1], n)

@@ -42,8 +42,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     packed: Packed | None = None
 
-    def pack(self) -> None:
-        self.packed = pack_weight(self.weight)
+    def pack(self, quantization: str = "none") -> Packed | None:
+        """The embedding keeps the plain weight (it is tied); w4a8 takes 4-bit weights only."""
+        self.packed = pack_weight(self.weight, quantization)
+        return self.packed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.weight, self.packed)  # [T, V / tp]

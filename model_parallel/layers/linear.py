@@ -16,26 +16,24 @@ from torch import nn
 from model_parallel.distributed import TPGroup
 from model_parallel.layers import cpu_kernels
 from model_parallel.layers.block_quant import BlockQuantized, block_quantize
+from model_parallel.layers.panel import Panel, to_panel
+from model_parallel.layers.w4a8 import W4A8, to_w4a8
 
-Packed = torch.Tensor | BlockQuantized
+Packed = BlockQuantized | Panel | W4A8
 
 
-def pack_weight(weight: torch.Tensor) -> Packed | None:
-    """The fastest form of a CPU weight, prepared once. First an fp32 weight that is exactly a
-    GGUF block quantization, kept as such for the C kernel (a decode step's linears at 32 rows:
-    56-66 ms instead of oneDNN's 106-108, 7.4 instead of 35 at one row, on a 2-core AVX2 CPU).
-    Else oneDNN's blocked layout: faster than F.linear on the plain weight (measured at decode's
-    few rows: ~20% in bf16 on AVX512-BF16, 30-50% in fp32 on an AVX2-only CPU). None where
-    neither applies or the CPU lacks the instructions (bf16: AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
-    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
+def pack_weight(weight: torch.Tensor, quantization: str = "none") -> Packed | None:
+    """A CPU weight prepared once for our C kernels, whose rows do not depend on the batch (oneDNN's
+    do not keep that on every CPU: its packed fp32 and bf16 weights gave other bits for a row
+    alone than among 64 on a Zen 4). First an fp32 weight that is exactly a GGUF block
+    quantization, kept as such (a decode step's linears at 32 rows: 56-66 ms instead of oneDNN's
+    106-108, 7.4 instead of 35 at one row, on a 2-core AVX2 CPU); else the dense panel form. None
+    where the kernels do not run (CUDA, no compiler, float16, odd shapes): F.linear then. With
+    `w4a8`, 4-bit weights take the 8-bit-activation kernel instead (w4a8.py)."""
+    if not cpu_kernels.linear_enabled(weight.device, weight.dtype):
         return None
-    if cpu_kernels.block_quant_enabled(weight.device, weight.dtype):
-        if (quantized := block_quantize(weight)) is not None:
-            return quantized
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
-    except RuntimeError:
-        return None
+    quantized = to_w4a8(weight) if quantization == "w4a8" else None
+    return quantized or block_quantize(weight) or to_panel(weight)
 
 
 def linear(
@@ -46,9 +44,7 @@ def linear(
 ) -> torch.Tensor:
     if packed is None:
         return F.linear(x, weight, bias)
-    if isinstance(packed, BlockQuantized):
-        return cpu_kernels.block_quant_linear(x, packed, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return cpu_kernels.linear(x, packed, bias)
 
 
 class LinearBase(nn.Module):
@@ -66,12 +62,13 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.packed, self.bias)
 
-    def pack(self) -> None:
+    def pack(self, quantization: str = "none") -> Packed | None:
         """Called once the weights are loaded. The plain weight is dropped once a packed form
         replaces it (420 MB of the default model's fp32 linears)."""
-        self.packed = pack_weight(self.weight)
+        self.packed = pack_weight(self.weight, quantization)
         if self.packed is not None:
             self.weight.data = self.weight.data.new_empty(0)
+        return self.packed
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None

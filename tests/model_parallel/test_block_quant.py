@@ -14,10 +14,7 @@ from model_parallel.layers import cpu_kernels
 from model_parallel.layers.block_quant import BlockQuantized, block_quantize
 from model_parallel.layers.linear import LinearBase
 
-pytestmark = pytest.mark.skipif(
-    not cpu_kernels.block_quant_enabled(torch.device("cpu"), torch.float32),
-    reason="no C compiler or no AVX2/FMA",
-)
+pytestmark = pytest.mark.usefixtures("kernel_isa")  # on every instruction set the CPU has
 
 
 def gguf_weight(kind: GGMLQuantizationType, out: int = 64, inputs: int = 96) -> torch.Tensor:
@@ -35,7 +32,7 @@ def test_gguf_blocks_are_found_and_expand_bit_for_bit(kind: str, bits: int) -> N
     # 4 bits: 16 scales and 16 minimums (fp32) and 256 bytes of nibbles per 16 x 32 tile
     assert q.blocks.numel() == w.numel() // 512 * (384 if bits == 4 else 576)
     eye = torch.eye(w.shape[1])  # x = I: every output is exactly one expanded weight
-    assert torch.equal(cpu_kernels.block_quant_linear(eye, q, None), w.T)
+    assert torch.equal(cpu_kernels.linear(eye, q, None), w.T)
 
 
 def test_other_weights_stay_dense() -> None:
@@ -59,18 +56,18 @@ def test_product_is_an_fp32_matmul_and_each_row_is_independent(bias: bool) -> No
     assert q is not None
     torch.manual_seed(0)
     b = torch.randn(48) if bias else None
-    assert cpu_kernels.block_quant_linear(torch.randn(0, 128), q, b).shape == (0, 48)
+    assert cpu_kernels.linear(torch.randn(0, 128), q, b).shape == (0, 48)
     for m in [1, 2, 3, 5, 7, 8, 9, 13, 32, 67]:  # every row count the kernel tiles differently
         x = torch.randn(m, 128)
-        y = cpu_kernels.block_quant_linear(x, q, b)
+        y = cpu_kernels.linear(x, q, b)
         ref = x.double() @ w.double().T + (b.double() if bias else 0)
         assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
-        alone = torch.cat([cpu_kernels.block_quant_linear(x[i : i + 1], q, b) for i in range(m)])
+        alone = torch.cat([cpu_kernels.linear(x[i : i + 1], q, b) for i in range(m)])
         assert torch.equal(y, alone)
     x3 = torch.randn(2, 3, 128)  # leading dimensions are kept
-    y3 = cpu_kernels.block_quant_linear(x3, q, b)
+    y3 = cpu_kernels.linear(x3, q, b)
     assert y3.shape == (2, 3, 48)
-    assert torch.equal(y3[1], cpu_kernels.block_quant_linear(x3[1], q, b))
+    assert torch.equal(y3[1], cpu_kernels.linear(x3[1], q, b))
 
 
 def test_default_model_runs_on_block_quantized_weights(engine_fp32) -> None:

@@ -1,6 +1,7 @@
 """The C kernels of the CPU decode step against the torch paths they replace (which CUDA keeps),
-in fp32 and bf16: rotary exactly, RMSNorm and paged decode attention to rounding; each row's
-result independent of the rest of the batch; and the build cache and the opt-out."""
+in fp32 and bf16 and on every instruction set the CPU has: rotary exactly, RMSNorm and paged
+decode attention to rounding; each row's result independent of the rest of the batch; and the
+build cache, the pick of instruction set and the opt-out."""
 
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ from model_parallel.layers.attention import PagedAttention
 from model_parallel.layers.norm import RMSNorm
 from model_parallel.layers.rotary import RotaryEmbedding
 
-pytestmark = pytest.mark.skipif(
-    not cpu_kernels.enabled(torch.device("cpu"), torch.float32), reason="no C compiler"
-)
+pytestmark = pytest.mark.usefixtures("kernel_isa")
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -147,17 +146,26 @@ def test_paged_decode_attention_rows_do_not_depend_on_the_batch() -> None:
         assert torch.equal(_run_decode(attn, one, q[i : i + 1]), full[i : i + 1]), n
 
 
-def test_the_build_is_cached_and_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    built = cpu_kernels._build(cpu_kernels._compiler())
+def test_the_build_is_cached_and_can_be_capped_or_switched_off(
+    kernel_isa: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = cpu_kernels.FLAGS + cpu_kernels.ISAS[kernel_isa][0]
+    built = cpu_kernels._build(cpu_kernels._compiler(), flags)
     mtime = built.stat().st_mtime_ns
-    assert cpu_kernels._build(cpu_kernels._compiler()) == built
+    assert cpu_kernels._build(cpu_kernels._compiler(), flags) == built
     assert built.stat().st_mtime_ns == mtime  # found, not rebuilt
+    assert cpu_kernels.isa() == kernel_isa
+    assert cpu_kernels.linear_enabled(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", "1")
+    assert cpu_kernels.isa() == cpu_kernels.supported_isas()[0]  # the best the CPU has
+    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", "sse9")
+    with pytest.raises(ValueError, match="LLMCLUSTER_CPU_KERNELS"):
+        cpu_kernels.isa()
     monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", "0")
-    cpu_kernels._library.cache_clear()
-    try:
-        assert not cpu_kernels.enabled(torch.device("cpu"), torch.float32)
-    finally:
-        monkeypatch.delenv("LLMCLUSTER_CPU_KERNELS")
-        cpu_kernels._library.cache_clear()
+    assert not cpu_kernels.enabled(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", "baseline")  # norms and attention, no linears
     assert cpu_kernels.enabled(torch.device("cpu"), torch.float32)
+    assert not cpu_kernels.linear_enabled(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", kernel_isa)
     assert not cpu_kernels.enabled(torch.device("cpu"), torch.float16)
+    assert not cpu_kernels.enabled(torch.device("cuda"), torch.float32)

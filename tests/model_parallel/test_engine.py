@@ -194,10 +194,17 @@ def test_oversized_prompts_are_refused_with_both_numbers(make_engine) -> None:
     assert not engine.has_unfinished()
 
 
-def test_batch_invariance_greedy_alone_vs_full_chunked_batch(make_engine, prompts) -> None:
-    """The default dtype (auto: bf16 or fp32 by CPU): a request's greedy output must not depend
-    on its batch. CPU only: on CUDA, cuBLAS and SDPA pick kernels by shape (README)."""
-    engine = make_engine(dtype="auto", max_num_batched_tokens=64, device="cpu")
+@pytest.mark.parametrize(
+    ("dtype", "quantization"), [("auto", "none"), ("bfloat16", "none"), ("auto", "w4a8")]
+)
+def test_batch_invariance_greedy_alone_vs_full_chunked_batch(
+    make_engine, prompts, dtype, quantization
+) -> None:
+    """In the default dtype (auto: fp32 on CPU), in bf16 and with w4a8: a request's greedy output
+    must not depend on its batch. CPU only: on CUDA, cuBLAS and SDPA pick kernels by shape."""
+    engine = make_engine(
+        dtype=dtype, quantization=quantization, max_num_batched_tokens=64, device="cpu"
+    )
     alone = {
         i: tokens_of(run_all(engine, {"x": (p, greedy(max_tokens=32))})["x"])
         for i, p in enumerate(prompts)
