@@ -17,6 +17,7 @@ import torch
 
 from cluster.bench import builtin_prompts
 from model_parallel.config import (
+    QUANTIZATIONS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -125,6 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -137,7 +139,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     config = EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype),
+        model=ModelConfig(model=args.model, dtype=args.dtype, quantization=args.quantization),
         cache=CacheConfig(),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
