@@ -52,25 +52,35 @@ def as_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.uint8).flatten(2)
 
 
-def block_quantize(weight: torch.Tensor) -> BlockQuantized | None:
-    """The exact 4- or 8-bit form of an fp32 [out, in] weight, or None where there is none."""
+def find_blocks(weight: torch.Tensor) -> tuple[int, tuple[torch.Tensor, ...]] | None:
+    """(4, (d, q, m)) or (8, (d, q)), each [out, in / 32, 1 or 32], where an fp32 [out, in]
+    weight is exactly Q4_1 or Q8_0 in tiles the kernels take; else None."""
     out_features, in_features = weight.shape
     if weight.dtype != torch.float32 or out_features % COLUMNS or in_features % BLOCK:
         return None
     v = weight.detach().reshape(out_features, in_features // BLOCK, BLOCK)
     if not torch.isfinite(v).all():
         return None
-    groups = out_features // COLUMNS
     # the first tile's rows decide cheaply which form to check in full (an 8-bit LM head is big)
     if as_q4(v[:COLUMNS]) is not None and (q4 := as_q4(v)) is not None:
-        d, q, m = q4
+        return 4, q4
+    if (q8 := as_q8(v)) is not None:
+        return 8, q8
+    return None
+
+
+def block_quantize(weight: torch.Tensor) -> BlockQuantized | None:
+    """The exact 4- or 8-bit form of an fp32 [out, in] weight, or None where there is none."""
+    if (found := find_blocks(weight)) is None:
+        return None
+    (bits, values), groups = found, weight.shape[0] // COLUMNS
+    if bits == 4:
+        d, q, m = values
         q = to_tiles(q.to(torch.uint8), groups).transpose(2, 3)  # [G, nb, 32 inputs, 16 features]
         nibbles = q[..., : COLUMNS // 2] | (q[..., COLUMNS // 2 :] << 4)
-        parts, bits = [to_tiles(d, groups), to_tiles(m, groups), nibbles], 4
-    elif (q8 := as_q8(v)) is not None:
-        d, q = q8
-        parts, bits = [to_tiles(d, groups), to_tiles(q.to(torch.int8), groups).transpose(2, 3)], 8
+        parts = [to_tiles(d, groups), to_tiles(m, groups), nibbles]
     else:
-        return None
+        d, q = values
+        parts = [to_tiles(d, groups), to_tiles(q.to(torch.int8), groups).transpose(2, 3)]
     blocks = torch.cat([as_bytes(p) for p in parts], dim=-1)
-    return BlockQuantized(blocks, bits, out_features, in_features)
+    return BlockQuantized(blocks, bits, *weight.shape)

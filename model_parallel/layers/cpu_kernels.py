@@ -59,7 +59,7 @@ _LINEARS = {  # built only where the set has AVX2 and FMA
     "block_quant_linear_f32": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
     "panel_linear_f32": [_P, _P, _I, _I, _P, _I, _P, _I],
     "panel_linear_bf16": [_P, _P, _I, _I, _P, _I, _P, _I],
-    "w4a8_linear_f32": [_P, _P, _I, _I, _P, _I, _P, _I],
+    "w4a8_linear_f32": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
 }
 
 
@@ -243,7 +243,15 @@ def linear(
     if isinstance(weight, W4A8):
         assert x.dtype == torch.float32
         lib.w4a8_linear_f32(
-            y.data_ptr(), rows.data_ptr(), m, k, weight.blocks.data_ptr(), n, bias_ptr, threads
+            y.data_ptr(),
+            rows.data_ptr(),
+            m,
+            k,
+            weight.blocks.data_ptr(),
+            n,
+            weight.bits,
+            bias_ptr,
+            threads,
         )
     elif isinstance(weight, BlockQuantized):
         assert x.dtype == torch.float32

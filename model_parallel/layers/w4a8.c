@@ -1,14 +1,16 @@
 /* 4-bit weights times 8-bit activations (`--quantization w4a8`, llama.cpp's Q4_1 x Q8 scheme):
- * y = x W^T + b where W is a GGUF Q4_1 weight (w = d q + m per 32 inputs, q in 0..15) and each
- * 32 inputs of a row of x are rounded to dx qx (qx in -127..127, dx = max |x| / 127). Per output
- * and block the product is then d dx (sum q qx) + m dx (sum qx): the sums are exact integers
+ * y = x W^T + b where W is a GGUF Q4_1 weight (w = d q + m per 32 inputs, q in 0..15) or Q8_0
+ * (w = d q, q in -127..127: the LM head) and each 32 inputs of a row of x are rounded to dx qx
+ * (qx in -127..127, dx = max |x| / 127). Per output and block the product is then
+ * d dx (sum q qx) [+ m dx (sum qx)]: the sums are exact integers
  * (vpdpbusd with AVX512-VNNI; vpmaddubsw + vpmaddwd on AVX2, the same integers), the rest one
  * fixed chain of fp32 operations per output, so the result is the same bits whatever the batch,
  * the thread count or the instruction set. The activations' rounding is the price: see the README.
  *
- * Layout (w4a8.py): per tile of 16 features and block of 32 inputs, 16 fp32 d, 16 fp32 m, then
- * four groups of 64 bytes; byte 4j + b of group g holds feature j's q of input 4g + b in its low
- * nibble and of input 16 + 4g + b in its high one. */
+ * Layout (w4a8.py): per tile of 16 features and block of 32 inputs, 16 fp32 d; for 4 bits 16
+ * fp32 m, then four groups of 64 bytes, byte 4j + b of group g holding feature j's q of input
+ * 4g + b in its low nibble and of input 16 + 4g + b in its high one; for 8 bits eight groups,
+ * byte 4j + b of group g holding q + 128 of input 4g + b. */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include <math.h>
@@ -17,10 +19,10 @@
 
 #define W4A8_COLUMNS 16
 #define W4A8_BLOCK 32
-#define W4A8_TILE_BYTES (2 * 64 + 4 * 64)
+static inline long w4a8_tile_bytes(int bits) { return bits == 4 ? 2 * 64 + 4 * 64 : 64 + 8 * 64; }
 #define W4A8_ROWS 6
 
-/* One row's 32 inputs: qx (into q) and dx, dx * sum qx (into scale[0], scale[1]) */
+/* One row's 32 inputs: qx (into q) and dx, dx * sum qx, sum qx (into scale[0..2]) */
 static void quantize_block(const float *x, int8_t *q, float *scale) {
   float amax = 0.f;
   for (int i = 0; i < W4A8_BLOCK; i++) amax = fmaxf(amax, fabsf(x[i]));
@@ -32,6 +34,7 @@ static void quantize_block(const float *x, int8_t *q, float *scale) {
   }
   scale[0] = d;
   scale[1] = d * (float)sum;
+  scale[2] = (float)sum; /* |sum| <= 4064: exact */
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -55,7 +58,12 @@ static inline ivec nibbles(const uint8_t *p, int high) {
 static inline ivec dot4(ivec sum, ivec w, int32_t x4) {
   return _mm512_dpbusd_epi32(sum, w, _mm512_set1_epi32(x4));
 }
+/* 8-bit weights as stored (q + 128, unsigned): sum (q + 128) qx, the 128 sum qx taken off after */
+static inline ivec load_q8(const uint8_t *p) { return _mm512_loadu_si512(p); }
+#define dot4_q8 dot4
+#define Q8_OFFSET 128
 #define IADD _mm512_add_epi32
+#define ISET1 _mm512_set1_epi32
 #else
 typedef __m256 fvec;
 typedef __m256i ivec;
@@ -77,37 +85,50 @@ static inline ivec dot4(ivec sum, ivec w, int32_t x4) {
   const __m256i pairs = _mm256_maddubs_epi16(w, _mm256_set1_epi32(x4)); /* |pair| <= 3810 */
   return _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+/* 8-bit weights back to signed q; |qx| times q with qx's sign keeps each pair <= 32258 */
+static inline ivec load_q8(const uint8_t *p) {
+  return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)p), _mm256_set1_epi8((char)0x80));
+}
+static inline ivec dot4_q8(ivec sum, ivec w, int32_t x4) {
+  const __m256i x = _mm256_set1_epi32(x4);
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x));
+  return _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#define Q8_OFFSET 0
 #define IADD _mm256_add_epi32
+#define ISET1 _mm256_set1_epi32
 #endif
 #define LANES (W4A8_COLUMNS / HALVES)
 
-/* R rows of quantized x times one tile, all of k; h: which register-wide part of the tile */
+/* R rows of quantized x times one tile, all of k; h: which register-wide part of the tile. R,
+ * h and bits are constants in every copy. */
 static inline __attribute__((always_inline)) void w4a8_rows(
-    int r_rows, int h, const int8_t *restrict qx, const float *restrict scales,
+    int r_rows, int h, int bits, const int8_t *restrict qx, const float *restrict scales,
     const uint8_t *restrict tile, int k, float *restrict y, long n, const float *restrict bias) {
   fvec acc[W4A8_ROWS];
 #pragma GCC unroll 6
   for (int r = 0; r < r_rows; r++) acc[r] = FZERO();
-  for (int kb = 0; kb < k / W4A8_BLOCK; kb++, tile += W4A8_TILE_BYTES) {
+  for (int kb = 0; kb < k / W4A8_BLOCK; kb++, tile += w4a8_tile_bytes(bits)) {
     const float *d = (const float *)tile + h * LANES, *m = d + W4A8_COLUMNS;
-    ivec lo[4], hi[4];
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; g++) {
-      lo[g] = nibbles(tile + 128 + 64 * g + 32 * h, 0);
-      hi[g] = nibbles(tile + 128 + 64 * g + 32 * h, 1);
-    }
+    const uint8_t *q = tile + (bits == 4 ? 128 : 64) + 32 * h;
+    ivec w[8];
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; g++)
+      w[g] = bits == 4 ? nibbles(q + 64 * (g % 4), g / 4) : load_q8(q + 64 * g);
 #pragma GCC unroll 6
     for (int r = 0; r < r_rows; r++) {
       const int32_t *x4 = (const int32_t *)(qx + (long)r * k + kb * W4A8_BLOCK);
+      const float *sc = scales + ((long)r * (k / W4A8_BLOCK) + kb) * 3;
       ivec s0 = IZERO(), s1 = IZERO();
 #pragma GCC unroll 4
       for (int g = 0; g < 4; g++) {
-        s0 = dot4(s0, lo[g], x4[g]);
-        s1 = dot4(s1, hi[g], x4[4 + g]);
+        s0 = bits == 4 ? dot4(s0, w[g], x4[g]) : dot4_q8(s0, w[g], x4[g]);
+        s1 = bits == 4 ? dot4(s1, w[4 + g], x4[4 + g]) : dot4_q8(s1, w[4 + g], x4[4 + g]);
       }
-      const float *sc = scales + ((long)r * (k / W4A8_BLOCK) + kb) * 2;
-      acc[r] = FMA(ITOF(IADD(s0, s1)), FMUL(FLOAD(d), FSET1(sc[0])), acc[r]);
-      acc[r] = FMA(FLOAD(m), FSET1(sc[1]), acc[r]);
+      ivec sum = IADD(s0, s1);
+      if (bits == 8) sum = IADD(sum, ISET1(-Q8_OFFSET * (int)sc[2]));
+      acc[r] = FMA(ITOF(sum), FMUL(FLOAD(d), FSET1(sc[0])), acc[r]);
+      if (bits == 4) acc[r] = FMA(FLOAD(m), FSET1(sc[1]), acc[r]);
     }
   }
 #pragma GCC unroll 6
@@ -115,34 +136,39 @@ static inline __attribute__((always_inline)) void w4a8_rows(
     FSTORE(y + r * n + h * LANES, bias ? FADD(acc[r], FLOAD(bias + h * LANES)) : acc[r]);
 }
 
-static void w4a8_tile(int r_rows, const int8_t *qx, const float *scales, const uint8_t *tile,
-                      int k, float *y, long n, const float *bias) {
-  for (int h = 0; h < HALVES; h++) switch (r_rows) {
-      case 1: w4a8_rows(1, h, qx, scales, tile, k, y, n, bias); break;
-      case 2: w4a8_rows(2, h, qx, scales, tile, k, y, n, bias); break;
-      case 3: w4a8_rows(3, h, qx, scales, tile, k, y, n, bias); break;
-      case 4: w4a8_rows(4, h, qx, scales, tile, k, y, n, bias); break;
-      case 5: w4a8_rows(5, h, qx, scales, tile, k, y, n, bias); break;
-      default: w4a8_rows(6, h, qx, scales, tile, k, y, n, bias); break;
-    }
-}
+#define W4A8_TILE(NAME, BITS)                                                                     \
+  static void NAME(int r_rows, const int8_t *qx, const float *scales, const uint8_t *tile, int k, \
+                   float *y, long n, const float *bias) {                                         \
+    for (int h = 0; h < HALVES; h++) switch (r_rows) {                                           \
+        case 1: w4a8_rows(1, h, BITS, qx, scales, tile, k, y, n, bias); break;                    \
+        case 2: w4a8_rows(2, h, BITS, qx, scales, tile, k, y, n, bias); break;                    \
+        case 3: w4a8_rows(3, h, BITS, qx, scales, tile, k, y, n, bias); break;                    \
+        case 4: w4a8_rows(4, h, BITS, qx, scales, tile, k, y, n, bias); break;                    \
+        case 5: w4a8_rows(5, h, BITS, qx, scales, tile, k, y, n, bias); break;                    \
+        default: w4a8_rows(6, h, BITS, qx, scales, tile, k, y, n, bias); break;                   \
+      }                                                                                           \
+  }
+W4A8_TILE(w4a8_tile_q4, 4)
+W4A8_TILE(w4a8_tile_q8, 8)
 
-void w4a8_linear_f32(float *y, const float *x, int m, int k, const uint8_t *w, int n,
+void w4a8_linear_f32(float *y, const float *x, int m, int k, const uint8_t *w, int n, int bits,
                      const float *bias, int num_threads) {
   const int blocks = k / W4A8_BLOCK;
+  const long per_tile = blocks * w4a8_tile_bytes(bits);
   int8_t *qx = malloc((size_t)m * k + 1);
-  float *scales = malloc(sizeof(float) * 2 * ((size_t)m * blocks + 1));
+  float *scales = malloc(sizeof(float) * 3 * ((size_t)m * blocks + 1));
 #pragma omp parallel num_threads(num_threads)
   {
 #pragma omp for schedule(static)
     for (long rb = 0; rb < (long)m * blocks; rb++)
-      quantize_block(x + rb * W4A8_BLOCK, qx + rb * W4A8_BLOCK, scales + 2 * rb);
+      quantize_block(x + rb * W4A8_BLOCK, qx + rb * W4A8_BLOCK, scales + 3 * rb);
 #pragma omp for schedule(static)
     for (int t = 0; t < n / W4A8_COLUMNS; t++)
       for (int row = 0; row < m; row += W4A8_ROWS)
-        w4a8_tile(m - row < W4A8_ROWS ? m - row : W4A8_ROWS, qx + (long)row * k,
-                  scales + (long)row * blocks * 2, w + (long)t * blocks * W4A8_TILE_BYTES, k,
-                  y + (long)row * n + t * W4A8_COLUMNS, n, bias ? bias + t * W4A8_COLUMNS : NULL);
+        (bits == 4 ? w4a8_tile_q4 : w4a8_tile_q8)(
+            m - row < W4A8_ROWS ? m - row : W4A8_ROWS, qx + (long)row * k,
+            scales + (long)row * blocks * 3, w + t * per_tile, k,
+            y + (long)row * n + t * W4A8_COLUMNS, n, bias ? bias + t * W4A8_COLUMNS : NULL);
   }
   free(qx);
   free(scales);
