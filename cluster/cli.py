@@ -35,7 +35,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default="none",
         choices=list(QUANTIZATIONS),
-        help="w4a8: a GGUF's 4-bit weights times 8-bit activations on CPU (faster, not exact)",
+        help="w4a8: a GGUF's 4-bit weights x 8-bit activations on CPU (faster; changes outputs)",
     )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(

@@ -99,6 +99,8 @@ class ModelConfig:
             raise ValueError(
                 f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}"
             )
+        if self.quantization == "w4a8" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"quantization w4a8 runs in float32, not dtype {self.dtype}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,11 +44,12 @@ def test_missing_model_exits_2_with_the_reason() -> None:
     [
         ("--gpu-memory-utilization", "1.5", r"gpu_memory_utilization must be in \(0, 1\], got 1.5"),
         ("--kv-cache-memory-gib", "0", "kv_cache_memory_gib must be > 0, got 0.0"),
+        ("--dtype=bfloat16 --quantization", "w4a8", "w4a8 runs in float32, not dtype bfloat16"),
     ],
 )
-def test_bad_memory_budget_exits_2_naming_the_field(flag: str, value: str, message: str) -> None:
+def test_bad_engine_settings_exit_2_naming_the_field(flag: str, value: str, message: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "serve", flag, value],
+        [sys.executable, "-m", "cluster.cli", "serve", *flag.split(), value],
         capture_output=True,
         text=True,
         timeout=300,
