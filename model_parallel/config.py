@@ -15,17 +15,18 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 QUANTIZATIONS = ("none", "w4a8")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is the fastest dtype that keeps batch invariance: bf16 on GPUs; fp32 on CPUs, where
-    our kernels are the invariant path and their bf16 (vdpbf16ps) linears measured no faster than
-    the fp32 ones over a GGUF's 4-bit blocks (53 vs 52 ms a 32-row decode step, 12.6 vs 9.4 at one
-    row, on an AVX512-BF16 Xeon) and 5x slower on AVX2-only CPUs. oneDNN's bf16 is faster where
-    the CPU has AMX but gives a row other bits alone than in a batch."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
-    return _DTYPES[name]
+def resolve_dtype(model: ModelConfig, device: torch.device, amx: bool) -> torch.dtype:
+    """`auto` is the fastest dtype that keeps batch invariance, measured (README, Models): bf16 on
+    GPUs and on CPUs whose kernels have AMX tiles (a 32-row decode step's linears: 14.8 ms against
+    fp32's 52 on a 2-core Xeon); fp32 on other CPUs, where our vdpbf16ps bf16 kernels are no
+    faster than fp32 over a GGUF's 4-bit blocks (52 ms) and 5x slower on AVX2-only ones. w4a8
+    runs in fp32."""
+    if model.dtype == "auto":
+        bf16 = model.quantization == "none" and (device.type == "cuda" or amx)
+        return torch.bfloat16 if bf16 else torch.float32
+    if model.dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {model.dtype!r}")
+    return _DTYPES[model.dtype]
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "llmcluster"
 
 
-def _builtin_gguf() -> Path | None:
+def builtin_gguf() -> Path | None:
     spec = importlib.util.find_spec(_DEFAULT_GGUF[0])  # finds, without importing, the package
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -37,7 +37,7 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return convert_gguf(path, cache_root)
     if model == DEFAULT_MODEL:
-        gguf = _builtin_gguf()
+        gguf = builtin_gguf()
         if gguf is not None:
             return convert_gguf(gguf, cache_root)
     raise FileNotFoundError(

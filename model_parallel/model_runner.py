@@ -126,11 +126,12 @@ class ModelRunner:
     def metadata(self, inputs: StepInputs) -> AttentionMetadata:
         """Every rank: the attention metadata (masks, per-chunk tables) from the step's tensors."""
         md = AttentionMetadata(inputs.slot_mapping, inputs.num_decodes)
+        kernels = cpu_kernels.enabled(self.device, self.dtype)  # no masks: they read the blocks
         if inputs.num_decodes:
             positions = inputs.positions[: inputs.num_decodes]
             md.decode_block_tables = inputs.decode_tables
             md.decode_context_lens = positions + 1
-            if not cpu_kernels.enabled(self.device, self.dtype):
+            if not kernels:
                 width = inputs.decode_tables.shape[1] * self.block_size
                 md.decode_mask = decode_mask(positions, width, self.dtype)
         offset = 0
@@ -138,7 +139,7 @@ class ModelRunner:
             table = inputs.prefill_tables[offset : offset + num_blocks]
             offset += num_blocks
             mask = None
-            if ctx > n:  # earlier context in the cache: causal with an offset
+            if ctx > n and not kernels:  # earlier context in the cache: causal with an offset
                 q_pos = torch.arange(ctx - n, ctx, device=self.device)
                 mask = torch.arange(ctx, device=self.device)[None, :] <= q_pos[:, None]
             md.prefills.append(PrefillChunk(start, n, ctx, table, mask))

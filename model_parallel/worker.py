@@ -12,6 +12,7 @@ from typing import Any
 
 from model_parallel.config import EngineConfig, LlamaArchConfig, resolve_dtype
 from model_parallel.distributed import init_tp_group
+from model_parallel.layers import cpu_kernels
 from model_parallel.loader import resolve_model_path
 from model_parallel.model_runner import ModelRunner
 
@@ -34,7 +35,7 @@ def build_runner(config: EngineConfig, rank: int, address: str, store: Any = Non
         arch,
         str(path),
         max_model_len,
-        resolve_dtype(config.model.dtype, device),
+        resolve_dtype(config.model, device, device.type == "cpu" and cpu_kernels.isa() == "amx"),
         device,
         tp,
     )

@@ -34,7 +34,7 @@ CHAT_PROMPTS = [
 ]
 
 
-@pytest.fixture(params=["avx512", "avx2"])
+@pytest.fixture(params=["amx", "avx512", "avx2"])
 def kernel_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each CPU kernel set in turn, where this CPU has it: the AVX2 one runs on AVX512 CPUs too."""
     isa = request.param

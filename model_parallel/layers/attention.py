@@ -1,5 +1,8 @@
 """Attention over the paged KV cache. New keys and values are written to their slots first; decodes
-then read their context through the block tables in one batched call, prefill chunks one by one."""
+then read their context through the block tables in one batched call, prefill chunks one by one.
+On CPU the kernel takes prefill chunks too, one query row at a time over the cache: a token's
+attention is then the same bits whether it came in a fresh prompt, a later chunk, after a prefix
+cache hit or as a decode (SDPA's kernels differ between those, visibly in bf16)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_parallel.forward_context import ForwardContext, PrefillChunk
+from model_parallel.forward_context import AttentionMetadata, ForwardContext, PrefillChunk
 from model_parallel.layers import cpu_kernels
 
 
@@ -28,21 +31,30 @@ class PagedAttention(nn.Module):
         self.v_cache.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, v)
         out = torch.empty(q.shape[0], self.num_heads * d, dtype=q.dtype, device=q.device)
         nd = md.num_decode_tokens
-        if nd and cpu_kernels.enabled(q.device, q.dtype):  # reads the blocks in place
-            cpu_kernels.decode_attention(
-                out[:nd],
-                q[:nd],
-                self.k_cache,
-                self.v_cache,
-                md.decode_block_tables,
-                md.decode_context_lens,
-            )
-        elif nd:
+        if cpu_kernels.enabled(q.device, q.dtype):
+            self._by_rows(out, q, md)
+            return out
+        if nd:
             out[:nd] = self._decode(q[:nd], md.decode_block_tables, md.decode_mask)
         for chunk in md.prefills:
             s = slice(chunk.start, chunk.start + chunk.num_tokens)
             out[s] = self._prefill(q[s], k[s], v[s], chunk)
         return out
+
+    def _by_rows(self, out: torch.Tensor, q: torch.Tensor, md: AttentionMetadata) -> None:
+        """The CPU kernel over every query row, reading the blocks in place: decodes in one call,
+        each prefill chunk's tokens as rows of their own with contexts ending at themselves."""
+        nd = md.num_decode_tokens
+        caches = self.k_cache, self.v_cache
+        if nd:
+            tables, lens = md.decode_block_tables, md.decode_context_lens
+            cpu_kernels.decode_attention(out[:nd], q[:nd], *caches, tables, lens)
+        for chunk in md.prefills:
+            s = slice(chunk.start, chunk.start + chunk.num_tokens)
+            first = chunk.context_len - chunk.num_tokens + 1
+            lens = torch.arange(first, chunk.context_len + 1, device=q.device)
+            tables = chunk.block_table.expand(chunk.num_tokens, -1).contiguous()
+            cpu_kernels.decode_attention(out[s], q[s], *caches, tables, lens)
 
     def _decode(
         self, q: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor

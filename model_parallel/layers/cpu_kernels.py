@@ -33,11 +33,16 @@ from model_parallel.loader import default_cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_suffix(".c")] + [
-    Path(__file__).with_name(f"{name}.c") for name in ("cpu_linear", "w4a8")
+    Path(__file__).with_name(f"{name}.c") for name in ("cpu_linear", "amx_linear", "w4a8")
 ]
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # best first: each set's compiler flags and the /proc/cpuinfo flags it needs
 ISAS = {
+    "amx": (
+        ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16"],
+        {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni"}
+        | {"amx_tile", "amx_bf16"},
+    ),
     "avx512": (
         ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"],
         {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni"},

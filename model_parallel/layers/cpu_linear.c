@@ -256,5 +256,19 @@ void block_quant_linear_f32(float *y, const float *x, int m, int k, const uint8_
       }                                                                                          \
   }
 DENSE_LINEAR(f32, float, float, COLUMNS, rows_from_panel, 4)
+#if defined(__AMX_BF16__)
+/* amx_linear.c: the same panels on AMX tiles; 0 where the kernel refuses AMX to the process */
+int amx_linear_bf16(uint16_t *y, const uint16_t *x, int m, int k, const uint32_t *w, int n,
+                    const uint16_t *bias, int num_threads);
+#define panel_linear_bf16 vector_linear_bf16
+#endif
 DENSE_LINEAR(bf16, uint16_t, uint32_t, BF16_COLUMNS, rows_from_bf16, 2)
+#if defined(__AMX_BF16__)
+#undef panel_linear_bf16
+void panel_linear_bf16(uint16_t *y, const uint16_t *x, int m, int k, const uint32_t *w, int n,
+                       const uint16_t *bias, int num_threads) {
+  if (!amx_linear_bf16(y, x, m, k, w, n, bias, num_threads))
+    vector_linear_bf16(y, x, m, k, w, n, bias, num_threads);
+}
+#endif
 #endif

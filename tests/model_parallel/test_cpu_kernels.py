@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from model_parallel.forward_context import AttentionMetadata, ForwardContext, decode_mask
+from model_parallel.forward_context import (
+    AttentionMetadata,
+    ForwardContext,
+    PrefillChunk,
+    decode_mask,
+)
 from model_parallel.layers import cpu_kernels
 from model_parallel.layers.attention import PagedAttention
 from model_parallel.layers.norm import RMSNorm
@@ -169,3 +174,42 @@ def test_the_build_is_cached_and_can_be_capped_or_switched_off(
     monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", kernel_isa)
     assert not cpu_kernels.enabled(torch.device("cpu"), torch.float16)
     assert not cpu_kernels.enabled(torch.device("cuda"), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_chunks_attend_row_by_row_as_decodes_do(dtype: torch.dtype, torch_paths) -> None:
+    """A chunk after 37 cached tokens: each of its rows gets the bits it would get as a decode at
+    its position, and SDPA's causal result to rounding."""
+    attn, _, _ = _decode_attention(dtype, [1])
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    n, ctx = 20, 57
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randperm(attn.k_cache.shape[0], generator=gen)[: -(-ctx // bs)]
+    slots = torch.stack([table[p // bs] * bs + p % bs for p in range(ctx - n, ctx)])
+    q = torch.randn(n, heads, d, generator=gen).to(dtype)
+    k, v = (torch.randn(n, kv_heads, d, generator=gen).to(dtype) for _ in range(2))
+    q_pos = torch.arange(ctx - n, ctx)
+    mask = torch.arange(ctx)[None, :] <= q_pos[:, None]
+
+    def chunk(with_mask: bool) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=slots,
+            prefills=[PrefillChunk(0, n, ctx, table, mask if with_mask else None)],
+        )
+
+    def run(md: AttentionMetadata) -> torch.Tensor:
+        with attn.ctx.bind(md):
+            return attn(q, k, v)
+
+    want = torch_paths(lambda: run(chunk(True)))
+    got = run(chunk(False))
+    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for i in range(n):  # the same rows as decodes, one at a time, their K/V already cached
+        one = AttentionMetadata(
+            slot_mapping=torch.empty(0, dtype=torch.long),
+            num_decode_tokens=1,
+            decode_block_tables=table[None, : -(-(ctx - n + i + 1) // bs)].contiguous(),
+            decode_context_lens=torch.tensor([ctx - n + i + 1]),
+        )
+        assert torch.equal(_run_decode(attn, one, q[i : i + 1]), got[i : i + 1]), i

@@ -10,7 +10,7 @@ import pytest
 
 from model_parallel.config import LlamaArchConfig
 from model_parallel.gguf_convert import convert_gguf, hf_name, unpermute_rope
-from model_parallel.loader import _builtin_gguf, resolve_model_path
+from model_parallel.loader import builtin_gguf, resolve_model_path
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_a_copy_of_the_gguf_finds_the_same_conversion(model_path, tmp_path) -> N
     cache = tmp_path / "cache"
     (cache / "gguf").mkdir(parents=True)
     (cache / "gguf" / model_path.name).symlink_to(model_path)  # the conversion, already there
-    gguf = _builtin_gguf()
+    gguf = builtin_gguf()
     copy = tmp_path / "venv2" / gguf.name
     copy.parent.mkdir()
     shutil.copy(gguf, copy)
