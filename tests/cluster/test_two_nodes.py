@@ -348,4 +348,8 @@ def test_streams_survive_a_lost_node_and_serve_replaces_its_replica(
     )
     cluster.add_node(num_cpus=1)  # a node comes back: Serve puts the missing replica there
     wait_for("a replacement replica", lambda: running_replicas("fixed") == 2, 180)
-    assert len({node for node, _ in replicas("fixed").values()}) == 2
+
+    def on_two_nodes() -> bool:  # a replica just started may miss replicas()'s 10 s to answer
+        return len({node for node, _ in replicas("fixed").values()}) == 2
+
+    wait_for("the replicas on both nodes", on_two_nodes, 60)
