@@ -5,8 +5,10 @@ paths (F.linear, SDPA), which CUDA always uses.
 
 The instruction set is picked at run time from the CPU's flags: `avx2` (x86-64-v3: AVX2, FMA)
 runs on every x86 we meet; `avx512` (x86-64-v4 with AVX512-BF16 and VNNI, e.g. Zen 4) adds the
-vdpbf16ps bf16 linears. LLMCLUSTER_CPU_KERNELS=avx2 caps the pick (the tests run each set the CPU
-has). Each set's kernels are batch-invariant on their own; two sets may differ in the last bits.
+vdpbf16ps bf16 and vpdpbusd w4a8 linears; `amx` (Sapphire Rapids and later Xeons) runs the bf16
+linears on AMX tiles. LLMCLUSTER_CPU_KERNELS=avx2 (or avx512) caps the pick; the tests run each
+set the CPU has. Each set's kernels are batch-invariant on their own; two sets may differ in the
+last bits (w4a8 excepted: the same bits on all).
 
 They pay at decode's small batches, where a step is a few hundred torch ops on small tensors plus
 attention that gathers every sequence's KV blocks into a padded copy first."""
@@ -244,35 +246,13 @@ def linear(
     assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype)
     lib, bias_ptr = _library(), None if bias is None else bias.data_ptr()
     m, k, n = rows.shape[0], weight.in_features, weight.out_features
-    threads = torch.get_num_threads()
-    if isinstance(weight, W4A8):
+    if isinstance(weight, W4A8 | BlockQuantized):  # same arguments: fp32 x, blocks of `bits`
         assert x.dtype == torch.float32
-        lib.w4a8_linear_f32(
-            y.data_ptr(),
-            rows.data_ptr(),
-            m,
-            k,
-            weight.blocks.data_ptr(),
-            n,
-            weight.bits,
-            bias_ptr,
-            threads,
-        )
-    elif isinstance(weight, BlockQuantized):
-        assert x.dtype == torch.float32
-        lib.block_quant_linear_f32(
-            y.data_ptr(),
-            rows.data_ptr(),
-            m,
-            k,
-            weight.blocks.data_ptr(),
-            n,
-            weight.bits,
-            bias_ptr,
-            threads,
-        )
+        kernel = lib.w4a8_linear_f32 if isinstance(weight, W4A8) else lib.block_quant_linear_f32
+        w, extra = weight.blocks.data_ptr(), (weight.bits,)
     else:
         assert x.dtype == weight.data.dtype
         kernel = lib.panel_linear_f32 if x.dtype == torch.float32 else lib.panel_linear_bf16
-        kernel(y.data_ptr(), rows.data_ptr(), m, k, weight.data.data_ptr(), n, bias_ptr, threads)
+        w, extra = weight.data.data_ptr(), ()
+    kernel(y.data_ptr(), rows.data_ptr(), m, k, w, n, *extra, bias_ptr, torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
