@@ -38,17 +38,14 @@ SOURCES = [Path(__file__).with_suffix(".c")] + [
     Path(__file__).with_name(f"{name}.c") for name in ("cpu_linear", "amx_linear", "w4a8")
 ]
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+_AVX512 = (
+    ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"],
+    {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni"},
+)
 # best first: each set's compiler flags and the /proc/cpuinfo flags it needs
 ISAS = {
-    "amx": (
-        ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16"],
-        {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni"}
-        | {"amx_tile", "amx_bf16"},
-    ),
-    "avx512": (
-        ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"],
-        {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni"},
-    ),
+    "amx": (_AVX512[0] + ["-mamx-tile", "-mamx-bf16"], _AVX512[1] | {"amx_tile", "amx_bf16"}),
+    "avx512": _AVX512,
     "avx2": (
         ["-march=x86-64-v3"],
         {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe", "xsave"},
@@ -84,7 +81,12 @@ def supported_isas() -> tuple[str, ...]:
 def isa() -> str | None:
     """The set the kernels run on: the best this CPU has, at most LLMCLUSTER_CPU_KERNELS's; None
     when the kernels are off."""
-    choice = os.environ.get("LLMCLUSTER_CPU_KERNELS", "1")
+    return _pick(os.environ.get("LLMCLUSTER_CPU_KERNELS", "1"))
+
+
+@functools.cache
+def _pick(choice: str) -> str | None:
+    """Once per setting: every kernel call asks."""
     if choice == "0":
         return None
     supported = supported_isas()
