@@ -116,6 +116,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-replicas", type=int, default=None, help="with --max-replicas: autoscale")
     p.add_argument("--max-replicas", type=int, default=None)
     p.add_argument("--target-ongoing-requests", type=float, default=None)
+    p.add_argument(
+        "--cpus-per-replica",
+        type=int,
+        default=None,
+        help="CPUs (and matmul threads) per model replica; default on CPU: cores / replicas",
+    )
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs)
     p.add_argument(
         "--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens
@@ -156,6 +162,7 @@ def _app_config(args: argparse.Namespace) -> AppConfig:
         served_model_name=args.served_model_name,
         num_replicas=args.num_replicas,
         autoscaling_config=autoscaling,
+        cpus_per_replica=args.cpus_per_replica,
         max_queued_requests=args.max_queued_requests,
         generation_config=args.override_generation_config,
         stream_interval=args.stream_interval,

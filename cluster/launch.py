@@ -51,6 +51,36 @@ def local_cpus(config: AppConfig) -> int:
     return max(os.cpu_count() or 1, ranks + 1)
 
 
+def check_placement(config: AppConfig, local: bool) -> None:
+    """Serve leaves a replica that no node can hold pending forever, and serve.run waits on it
+    without a word: refuse such a start. On a joined cluster an autoscaler may still add a node
+    that fits, so there it is a warning."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    asked: dict[str, float] = {}
+    problems = []
+    for m in config.models:
+        need = m.replica_resources()
+        for k, v in need.items():
+            asked[k] = asked.get(k, 0) + v * m.initial_replicas
+        if not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
+            problems.append(
+                f"a replica of {m.name} needs {need} on one node, and no node has that"
+                " (see --cpus-per-replica, --tensor-parallel-size)"
+            )
+    total = {k: sum(n.get(k, 0) for n in nodes) for k in asked}
+    if not problems and any(asked[k] > total[k] for k in asked):
+        problems.append(
+            f"the replicas to start need {asked} in all, and Ray has {total}"
+            " (see --num-replicas, --min-replicas, --cpus-per-replica)"
+        )
+    if problems and local:
+        raise ValueError("; ".join(problems))
+    for problem in problems:
+        logger.warning("%s: they stay pending until the cluster grows", problem)
+
+
 def connect(config: AppConfig, address: str | None) -> None:
     """Start a local Ray instance (address None) or join one ('auto' or ray://...).
     NOTE: address None must not be passed on: Ray would join the last cluster `ray start` made."""
@@ -73,6 +103,7 @@ def deploy(config: AppConfig, host: str, port: int, address: str | None) -> str:
     from serving.app import build_app
 
     connect(config, address)
+    check_placement(config, local=address is None)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=config.name, route_prefix="/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"

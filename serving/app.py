@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ray import serve
@@ -21,10 +20,9 @@ INGRESS_MAX_ONGOING = 2048
 
 def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
     par = m.engine.parallel
-    gpu = par.torch_device().type == "cuda"
+    gpu = m.uses_gpu
     bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-    # A CPU replica's matmuls want every core it is given (Ray caps its threads at num_cpus).
-    cpus = m.cpus_per_replica or (1 if gpu or par.tensor_parallel_size > 1 else os.cpu_count() or 1)
+    cpus = m.replica_cpus()
     options: dict[str, Any] = {
         "name": f"LLMServer:{m.name}".replace("/", "--"),
         "max_ongoing_requests": m.engine.scheduler.max_num_seqs,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,9 @@ class ModelDeployment:
     num_replicas: int = 1
     autoscaling_config: dict[str, Any] | None = None  # Serve's; replaces num_replicas
     max_queued_requests: int = 256  # beyond it, a 503 with Retry-After
-    cpus_per_replica: int | None = None  # None: every core of the node on CPU, 1 with GPUs or TP
+    # None: on CPU, the machine's cores shared by the replicas it may hold at once (num_replicas,
+    # or autoscaling's max_replicas); 1 with GPUs or tensor parallelism (a bundle per rank).
+    cpus_per_replica: int | None = None
     # Sampling defaults for the fields a request leaves out, over the model's own
     # generation_config.json (vLLM's --override-generation-config), e.g. {"temperature": 0.2}.
     generation_config: dict[str, float] | None = None
@@ -41,6 +44,8 @@ class ModelDeployment:
     def __post_init__(self) -> None:
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if self.cpus_per_replica is not None and self.cpus_per_replica < 1:
+            raise ValueError(f"cpus_per_replica must be >= 1, got {self.cpus_per_replica}")
         unknown = set(self.generation_config or {}) - set(GENERATION_DEFAULT_KEYS)
         if unknown:
             raise ValueError(
@@ -51,6 +56,37 @@ class ModelDeployment:
     @property
     def name(self) -> str:
         return self.served_model_name or self.engine.model.model
+
+    @property
+    def initial_replicas(self) -> int:
+        scale = self.autoscaling_config
+        if scale is None:
+            return self.num_replicas
+        return scale.get("initial_replicas") or scale.get("min_replicas", 1)
+
+    @property
+    def max_replicas(self) -> int:
+        scale = self.autoscaling_config
+        return self.num_replicas if scale is None else scale.get("max_replicas", 1)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.engine.parallel.torch_device().type == "cuda"
+
+    def replica_cpus(self) -> int:
+        """The CPUs a replica asks Ray for, which are also its matmul threads on CPU: two
+        replicas that each ask for every core of a node would leave the second pending."""
+        if self.cpus_per_replica is not None:
+            return self.cpus_per_replica
+        if self.uses_gpu or self.engine.parallel.tensor_parallel_size > 1:
+            return 1
+        return max(1, (os.cpu_count() or 1) // max(1, self.max_replicas))
+
+    def replica_resources(self) -> dict[str, float]:
+        """What one replica takes from one node: its placement group's bundles, or its actor."""
+        tp = self.engine.parallel.tensor_parallel_size
+        cpus = tp if tp > 1 else self.replica_cpus()
+        return {"CPU": cpus, "GPU": tp} if self.uses_gpu else {"CPU": cpus}
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,3 +78,18 @@ def test_serve_answers_and_sigterm_shuts_down_cleanly(tmp_path) -> None:  # noqa
     while raylets() > before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert raylets() == before, (tmp_path / "out.log").read_text()[-3000:]
+
+
+def test_replicas_that_cannot_be_placed_are_refused_at_start() -> None:
+    """Two replicas asking for more cores than the machine has: a clear error, not a second
+    replica pending forever."""
+    cores = os.cpu_count() or 1
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "serve", "--port", str(free_port())]
+        + ["--num-replicas", "2", "--cpus-per-replica", str(cores + 1)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "in all, and Ray has {'CPU': " in out.stderr and "cpus-per-replica" in out.stderr

@@ -3,6 +3,7 @@ Serve's own schema and builds our application."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,17 @@ def test_llm_deployment_options_follow_the_engine() -> None:
     told = ModelDeployment(autoscaling_config={"max_replicas": 3, "target_ongoing_requests": 8})
     cfg = llm_deployment(told, "app")._bound_deployment._deployment_config
     assert cfg.autoscaling_config.target_ongoing_requests == 8
+
+
+def test_cpu_replicas_share_the_cores_unless_told() -> None:
+    from serving.config import ModelDeployment
+
+    cores = os.cpu_count() or 1
+    assert ModelDeployment().replica_cpus() == cores
+    assert ModelDeployment(num_replicas=2).replica_cpus() == max(1, cores // 2)
+    scaled = ModelDeployment(autoscaling_config={"min_replicas": 1, "max_replicas": 4})
+    assert scaled.replica_cpus() == max(1, cores // 4) and scaled.initial_replicas == 1
+    told = ModelDeployment(num_replicas=2, cpus_per_replica=3)
+    assert told.replica_cpus() == 3 and told.replica_resources() == {"CPU": 3}
+    with pytest.raises(ValueError, match="cpus_per_replica"):
+        ModelDeployment(cpus_per_replica=0)
