@@ -311,16 +311,37 @@ def resumes(url: str) -> int:
     return int(found.group(1))
 
 
-def busiest_replica(app: str) -> str:
-    """The actor name of the replica running the most sequences (from the metrics actor)."""
+def reports(app: str, pick: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """`pick(store)` -> {Serve replica id: value}, run on the app's metrics actor (which the
+    replicas report to every second), keyed by actor name."""
     import ray
 
     name = f"llmcluster-metrics-{app}"
     found = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
     store = ray.get_actor(name, namespace=found[0]["namespace"])
-    stats = ray.get(store.engine_stats.remote(MODEL))
-    busiest = max(stats, key=lambda r: stats[r]["num_running"])
-    return next(name for name in replicas(app) if name.endswith(f"#{busiest}"))
+    by_id = ray.get(store.__ray_call__.remote(pick))
+    names = replicas(app)
+    return {n: v for r, v in by_id.items() for n in names if n.endswith(f"#{r}")}
+
+
+def engine_stats(app: str) -> dict[str, dict[str, float]]:
+    return reports(app, lambda store: store.engine_stats(MODEL))
+
+
+def finished(app: str) -> dict[str, int]:
+    """Requests each replica has finished."""
+
+    def count(store: Any) -> dict[str, int]:
+        got = store.reports.get(MODEL, {}).items()
+        return {r: sum(s["requests"]["finished"].values()) for r, (_, s) in got}
+
+    return reports(app, count)
+
+
+def busiest_replica(app: str) -> str:
+    """The actor name of the replica running the most sequences."""
+    stats = engine_stats(app)
+    return max(stats, key=lambda r: stats[r]["num_running"])
 
 
 def test_streams_survive_a_killed_replica_token_for_token(two_replicas: str) -> None:
@@ -342,10 +363,38 @@ def test_streams_survive_a_killed_replica_token_for_token(two_replicas: str) -> 
 def test_streams_survive_a_lost_node_and_serve_replaces_its_replica(
     cluster: Any, two_replicas: str
 ) -> None:
+    """The worker node goes only once its replica runs some of the streams: ten streams are more
+    than one replica takes, but a router that has not yet seen the second replica would queue
+    the rest on the first, and nothing would be resumed."""
     worker = next(iter(cluster.worker_nodes))
-    streams_across(
-        two_replicas, stories(1), lambda: cluster.remove_node(worker, allow_graceful=False)
-    )
+
+    def on_worker(counts: dict[str, int]) -> int:
+        where = replicas("fixed")
+        return sum(c for n, c in counts.items() if where[n][0] == worker.node_id)
+
+    async def burst() -> None:
+        await asyncio.gather(*(chat(two_replicas, p, 4) for p in stories(0)))
+
+    def routed_to_the_worker() -> bool:
+        before = on_worker(finished("fixed"))
+        asyncio.run(burst())
+        time.sleep(1.5)  # a report
+        return on_worker(finished("fixed")) > before
+
+    wait_for("requests routed to the worker node's replica", routed_to_the_worker, 120)
+
+    def lose_the_worker() -> None:
+        def running_there() -> bool:
+            where = replicas("fixed")
+            stats = engine_stats("fixed")
+            return any(
+                where[n][0] == worker.node_id and s["num_running"] > 0 for n, s in stats.items()
+            )
+
+        wait_for("streams on the worker node's replica", running_there, 30)
+        cluster.remove_node(worker, allow_graceful=False)
+
+    streams_across(two_replicas, stories(1), lose_the_worker)
     cluster.add_node(num_cpus=1)  # a node comes back: Serve puts the missing replica there
     wait_for("a replacement replica", lambda: running_replicas("fixed") == 2, 180)
 
