@@ -27,10 +27,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], port: int, log: Path) -> Iterator[str]:
-    """The server of `cmd`, up and healthy, as its /v1 URL; stopped after."""
+def running(
+    cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """The server of `cmd` (in `env`, else ours), up and healthy, as its /v1 URL; stopped after."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 300
         while True:
