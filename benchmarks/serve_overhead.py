@@ -18,7 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_throughput import chat_prompts, run_engine  # noqa: E402
-from serve_vs_llamacpp import drive, free_port, running  # noqa: E402
+from serve_vs_llamacpp import (  # noqa: E402
+    add_serve_arguments,
+    drive,
+    free_port,
+    prompts_for,
+    running,
+)
 
 MODES = {
     "default": {},  # what `llmcluster serve` sets (cluster.launch.SERVE_ENV)
@@ -92,10 +98,6 @@ def engine_alone(concurrency: list[int], num_prompts: int, max_tokens: int) -> d
     return out
 
 
-def prompts_for(concurrency: int, num_prompts: int) -> int:
-    return max(concurrency, min(num_prompts, 8 * concurrency))
-
-
 def row(name: str, c: int, r: dict, engine: dict | None) -> None:
     ratio = f"{r['tok/s'] / engine['tok/s']:5.2f}x" if engine else ""
     print(
@@ -107,11 +109,7 @@ def row(name: str, c: int, r: dict, engine: dict | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", nargs="+", default=["default", "haproxy"], choices=MODES)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--serve-args", default="", help="more `llmcluster serve` flags")
-    ap.add_argument("--logs", type=Path, default=Path("bench-results"))
+    add_serve_arguments(ap)
     args = ap.parse_args()
     args.logs.mkdir(exist_ok=True)
     print(f"{'system':<20} {'conc':>4} {'tok/s':>8} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12}")

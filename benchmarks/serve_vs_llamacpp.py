@@ -59,15 +59,25 @@ def drive(url: str, concurrency: int, num_prompts: int, max_tokens: int) -> dict
     return bench.asyncio.run(bench.run(args))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--llama-server", type=Path, help="path of a llama-server binary")
-    ap.add_argument("--gguf", type=Path, help="default: the built-in model's GGUF")
+def add_serve_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags every serving benchmark takes."""
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--serve-args", default="", help="more `llmcluster serve` flags")
     ap.add_argument("--logs", type=Path, default=Path("bench-results"))
+
+
+def prompts_for(concurrency: int, num_prompts: int) -> int:
+    """Enough requests to keep `concurrency` streams busy, at most 8 rounds of them."""
+    return max(concurrency, min(num_prompts, 8 * concurrency))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-server", type=Path, help="path of a llama-server binary")
+    ap.add_argument("--gguf", type=Path, help="default: the built-in model's GGUF")
+    add_serve_arguments(ap)
     args = ap.parse_args()
     args.logs.mkdir(exist_ok=True)
     gguf = args.gguf or builtin_gguf()
@@ -93,7 +103,7 @@ def main() -> None:
         with running(command(port), port, args.logs / f"{name}.log") as url:
             drive(url, 1, 2, 16)  # warm-up
             for c in args.concurrency:
-                r = drive(url, c, max(c, min(args.num_prompts, 8 * c)), args.max_tokens)
+                r = drive(url, c, prompts_for(c, args.num_prompts), args.max_tokens)
                 assert r["failed"] == 0, r["errors"]
                 print(
                     f"{name:<13} {c:>4} {r['output_token_throughput']:>8.1f} "
