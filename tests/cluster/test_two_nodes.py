@@ -367,29 +367,30 @@ def test_streams_survive_a_lost_node_and_serve_replaces_its_replica(
     than one replica takes, but a router that has not yet seen the second replica would queue
     the rest on the first, and nothing would be resumed."""
     worker = next(iter(cluster.worker_nodes))
+    there: set[str] = set()  # its replica's actor name
 
-    def on_worker(counts: dict[str, int]) -> int:
-        where = replicas("fixed")
-        return sum(c for n, c in counts.items() if where[n][0] == worker.node_id)
+    def known() -> bool:  # a replica just started may miss replicas()'s 10 s to answer
+        there.update(n for n, (node, _) in replicas("fixed").items() if node == worker.node_id)
+        return bool(there)
+
+    wait_for("a replica on the worker node", known, 60)
 
     async def burst() -> None:
         await asyncio.gather(*(chat(two_replicas, p, 4) for p in stories(0)))
 
     def routed_to_the_worker() -> bool:
-        before = on_worker(finished("fixed"))
+        before = finished("fixed")
         asyncio.run(burst())
         time.sleep(1.5)  # a report
-        return on_worker(finished("fixed")) > before
+        after = finished("fixed")
+        return any(after.get(n, 0) > before.get(n, 0) for n in there)
 
     wait_for("requests routed to the worker node's replica", routed_to_the_worker, 120)
 
     def lose_the_worker() -> None:
         def running_there() -> bool:
-            where = replicas("fixed")
             stats = engine_stats("fixed")
-            return any(
-                where[n][0] == worker.node_id and s["num_running"] > 0 for n, s in stats.items()
-            )
+            return any(stats.get(n, {}).get("num_running", 0) > 0 for n in there)
 
         wait_for("streams on the worker node's replica", running_there, 30)
         cluster.remove_node(worker, allow_graceful=False)
