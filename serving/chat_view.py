@@ -12,11 +12,15 @@ from model_parallel.request import CompletionOutput, RequestOutput
 from serving.chat import LogprobFormatter, merge_choice, usage
 from serving.protocol import ChatCompletionRequest
 from serving.streams import prepend
-from serving.tool_calls import ToolCallParser, ToolPlan
+from serving.tool_calls import ParsedCall, ToolCallParser, ToolPlan
 
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_call(c: ParsedCall) -> dict[str, Any]:
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
 
 
 def finish_reason(reason: str | None, parser: ToolCallParser | None) -> str | None:
@@ -46,16 +50,8 @@ class ChatView:
             return {"role": "assistant", "content": text}
         content = parser.feed(text, final=True).content
         message: dict[str, Any] = {"role": "assistant", "content": content or None}
-        calls = [c for c in parser.calls if c.complete]  # not one that max_tokens cut off
-        if calls:
-            message["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                }
-                for c in calls
-            ]
+        if parser.calls:
+            message["tool_calls"] = [tool_call(c) for c in parser.calls]
         return message
 
     def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
@@ -105,18 +101,8 @@ class ChatView:
             return {"content": c.text} if c.text else {}
         ev = parser.feed(c.text, final=c.finish_reason is not None)
         delta: dict[str, Any] = {"content": ev.content} if ev.content else {}
-        calls = []
-        for k in sorted(set(ev.opened) | set(ev.arguments)):
-            piece: dict[str, Any] = {"index": k}
-            if k in ev.opened:
-                call = parser.calls[k]
-                piece |= {"id": call.id, "type": "function"}
-                piece["function"] = {"name": call.name, "arguments": ev.arguments.get(k, "")}
-            else:
-                piece["function"] = {"arguments": ev.arguments[k]}
-            calls.append(piece)
-        if calls:
-            delta["tool_calls"] = calls
+        if ev.calls:  # each call whole, in one piece: see ToolCallParser
+            delta["tool_calls"] = [{"index": k, **tool_call(parser.calls[k])} for k in ev.calls]
         return delta
 
     async def chunks(

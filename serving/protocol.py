@@ -1,14 +1,24 @@
 """OpenAI request models (pydantic, the HTTP boundary only) and the one error type the ingress maps.
 
 Ranges follow OpenAI's API reference; vLLM's extra sampling fields are accepted under their names.
-Unknown fields are ignored, as OpenAI and vLLM do.
+Types are checked strictly, as OpenAI does (`"stream": "yes"` and `"max_tokens": 1.5` are 400s:
+see `serving.frontend.validate`); unknown fields are ignored, as OpenAI and vLLM do.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -50,10 +60,17 @@ class OpenAIError(Exception):
         }
 
 
+_BRANCHES = {"str", "int", "float", "bool", "dict[str,any]", "list[any]"}
+
+
 def from_validation_error(e: ValidationError) -> OpenAIError:
-    err = e.errors()[0]
-    param = ".".join(str(p) for p in err["loc"] if p != "body") or None
-    return OpenAIError(f"{param}: {err['msg']}" if param else err["msg"], param=param)
+    """The deepest failure names the field (in a union, the branch the input came closest to);
+    the union's branch labels are left out of the name."""
+    err = max(e.errors(), key=lambda x: len(x["loc"]))
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _BRANCHES))]
+    param = ".".join(str(p) for p in loc if p != "body") or None
+    msg = err["msg"].removeprefix("Value error, ")
+    return OpenAIError(f"{param}: {msg}" if param else msg, param=param)
 
 
 class _Model(BaseModel):
@@ -78,10 +95,23 @@ class ToolCall(_Model):
 
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # last, and checked when left out: its check reads the fields above
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any, info: ValidationInfo) -> Any:
+        # OpenAI's checks: a message without content prompted nothing, and the model generated
+        # to the context limit
+        role = info.data.get("role")
+        if v is None and not (role == "assistant" and info.data.get("tool_calls")):
+            raise ValueError(f"a {role} message needs content")
+        if role == "tool" and not info.data.get("tool_call_id"):
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -146,13 +176,20 @@ class SamplingFields(_Model):
                 raise ValueError(f"bias for token {token} must be in [-100, 100], got {bias}")
         return v
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = Field(None, max_length=MAX_TOOLS)
+    tools: list[Any] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
@@ -169,3 +206,98 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = None
+
+
+class TokenizeRequest(_Model):
+    """vLLM's /tokenize: a prompt, or messages through the chat template (and its tools)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # vLLM's defaults: true for a prompt, false for chat
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[Any] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Model):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_TOKENS_CAP)
+
+
+# --- the Responses API (POST /v1/responses) ---------------------------------------------------
+
+
+class InputText(_Model):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class MessageItem(_Model):
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content
+
+
+class FunctionCallItem(_Model):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(_Model):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[InputText]
+
+    def text(self) -> str:
+        if isinstance(self.output, list):
+            return "".join(p.text for p in self.output)
+        return self.output
+
+
+def _item_type(item: Any) -> str:
+    """An input item without a type is a message, as in OpenAI's EasyInputMessage."""
+    if isinstance(item, dict):
+        return item.get("type", "message")
+    return getattr(item, "type", "message")
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_type),
+]
+
+
+class TextConfig(_Model):
+    format: dict[str, Any] | None = None
+
+
+class ResponsesRequest(_Model):
+    model: str
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    store: bool = True
+    previous_response_id: str | None = None
+    stream: bool = False
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    user: str | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # vLLM's extra, as in chat

@@ -4,7 +4,7 @@ status, JSON and SSE; the SSE body follows; a client that leaves cancels the eng
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -63,18 +63,53 @@ async def prepend(
         yield out
 
 
-async def sse(chunks: AsyncIterator[dict[str, Any]], stream: Any) -> AsyncIterator[str]:
-    """Server-sent events. A failure mid-stream becomes an error event; leaving early (the client
-    disconnected) cancels the engine request, which frees its blocks."""
+def _data(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+async def _sse(
+    items: AsyncIterator[dict[str, Any]],
+    stream: Any,
+    line: Callable[[dict[str, Any]], str],
+    error_line: Callable[[OpenAIError], str],
+    tail: str,
+) -> AsyncIterator[str]:
+    """A failure mid-stream becomes an error event; leaving early (the client disconnected)
+    cancels the engine request, which frees its blocks."""
     done = False
     try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+        async for item in items:
+            yield line(item)
         done = True
     except Exception as e:  # noqa: BLE001
-        yield f"data: {json.dumps(to_openai_error(e).body())}\n\n"
+        yield error_line(to_openai_error(e))
         done = True
     finally:
         if not done:
             stream.cancel()
-    yield "data: [DONE]\n\n"
+    if tail:
+        yield tail
+
+
+def sse(chunks: AsyncIterator[dict[str, Any]], stream: Any) -> AsyncIterator[str]:
+    """Server-sent events as chat and completions stream them: data lines, then [DONE]."""
+    return _sse(
+        chunks,
+        stream,
+        lambda chunk: f"data: {_data(chunk)}\n\n",
+        lambda error: f"data: {_data(error.body())}\n\n",
+        "data: [DONE]\n\n",
+    )
+
+
+def named_sse(events: AsyncIterator[dict[str, Any]], stream: Any) -> AsyncIterator[str]:
+    """Server-sent events as the Responses API streams them: each named by its type, an `error`
+    event for a failure, no [DONE]."""
+
+    def error_line(e: OpenAIError) -> str:
+        body = {"type": "error", "code": e.code, "message": e.message, "param": e.param}
+        return f"event: error\ndata: {_data(body)}\n\n"
+
+    return _sse(
+        events, stream, lambda ev: f"event: {ev['type']}\ndata: {_data(ev)}\n\n", error_line, ""
+    )

@@ -49,7 +49,7 @@ def _spec(kind: GuideKind, value: Any, param: str) -> StructuredOutputSpec:
     return StructuredOutputSpec(kind, value)
 
 
-def _response_format(fmt: dict[str, Any]) -> StructuredOutputSpec | None:
+def _response_format(fmt: dict[str, Any], param: str) -> StructuredOutputSpec | None:
     kind = fmt.get("type")
     if kind == "text":
         return None
@@ -60,28 +60,30 @@ def _response_format(fmt: dict[str, Any]) -> StructuredOutputSpec | None:
         if not isinstance(spec, dict):
             raise OpenAIError(
                 "json_schema needs an object with a name and a schema",
-                param="response_format.json_schema",
+                param=f"{param}.json_schema",
             )
         schema = spec.get("schema", spec.get("json_schema"))
         if schema is None:  # OpenAI's schema is optional: then any JSON object
             return StructuredOutputSpec("json_object")
-        return _spec("json_schema", schema, "response_format.json_schema.schema")
+        return _spec("json_schema", schema, f"{param}.json_schema.schema")
     if kind == "structural_tag":
-        return _spec("structural_tag", fmt, "response_format")
+        return _spec("structural_tag", fmt, param)
     raise OpenAIError(
-        "response_format.type must be text, json_object, json_schema or structural_tag",
-        param="response_format.type",
+        f"{param}.type must be text, json_object, json_schema or structural_tag",
+        param=f"{param}.type",
     )
 
 
 def requested_guide(
-    req: SamplingFields, response_format: dict[str, Any] | None = None
+    req: SamplingFields,
+    response_format: dict[str, Any] | None = None,
+    format_param: str = "response_format",
 ) -> tuple[str, StructuredOutputSpec] | None:
     """The one structured-output constraint a request asks for, with the field that asked for
-    it, or None."""
+    it, or None. `format_param` names the field `response_format` came from."""
     found: list[tuple[str, StructuredOutputSpec | None]] = []
     if response_format is not None:
-        found.append(("response_format", _response_format(response_format)))
+        found.append((format_param, _response_format(response_format, format_param)))
     for key, value in (req.structured_outputs or {}).items():
         if key not in _STRUCTURED_OUTPUTS:
             continue  # vLLM's options beside the constraint (backend, whitespace) do not apply

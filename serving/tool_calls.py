@@ -182,16 +182,14 @@ class ParsedCall:
     id: str
     name: str
     arguments: str = ""
-    complete: bool = False  # False while open, and for good if max_tokens cut it off
 
 
 @dataclass(slots=True)
 class ParserEvents:
-    """What one piece of text added: content, calls opened, argument pieces by call index."""
+    """What one piece of text added: content, and the indices of the calls it completed."""
 
     content: str = ""
-    opened: list[int] = field(default_factory=list)
-    arguments: dict[int, str] = field(default_factory=dict)
+    calls: list[int] = field(default_factory=list)
 
 
 # (?=\S): the header ends where the arguments begin, however the text was cut into pieces
@@ -208,27 +206,27 @@ def _held_prefix(text: str, marker: str) -> int:
 
 
 class ToolCallParser:
-    """Splits one choice's text into content and tool calls as it arrives. Arguments are the raw
-    text between the header and the call's closing brace, so streamed pieces always join into
-    exactly the arguments of the whole response; a `}</tool_call>` inside a string value is
-    not taken for the end (the arguments before it must parse)."""
+    """Splits one choice's text into content and tool calls as it arrives. A call is handed out
+    only once it is complete, so a stream and the whole response list the same calls with the
+    same arguments, and a call that max_tokens cuts off appears in neither. Arguments are the raw
+    text between the header and the call's closing brace; a `}</tool_call>` inside a string
+    value is not taken for the end (the arguments before it must parse)."""
 
     def __init__(self, new_id: Any):
         self.calls: list[ParsedCall] = []
         self._new_id = new_id
         self._buf = ""
         self._space = ""  # trailing whitespace, handed out only if more text follows
-        self._in_call = False
-        self._args_sent = 0  # characters of the current call's arguments already handed out
+        self._open: ParsedCall | None = None  # the call whose arguments are arriving
 
     def feed(self, text: str, final: bool = False) -> ParserEvents:
         ev = ParserEvents()
         self._buf += text
         progressed = True
         while progressed:
-            progressed = self._step_call(ev) if self._in_call else self._step_text(ev, final)
+            progressed = self._step_call(ev) if self._open else self._step_text(ev, final)
         if final:  # what is left of an unfinished call (cut by max_tokens) is dropped
-            self._buf = ""
+            self._buf, self._open = "", None
         return ev
 
     def _content(self, ev: ParserEvents, text: str) -> None:
@@ -252,41 +250,21 @@ class ToolCallParser:
         if header is None:
             return False  # wait for the whole header
         self._space = ""
-        self.calls.append(ParsedCall(self._new_id(), json.loads(header.group(1))))
-        ev.opened.append(len(self.calls) - 1)
+        self._open = ParsedCall(self._new_id(), json.loads(header.group(1)))
         self._buf = self._buf[header.end() - start :]
-        self._in_call, self._args_sent = True, 0
         return True
 
     def _step_call(self, ev: ParserEvents) -> bool:
-        call, index = self.calls[-1], len(self.calls) - 1
         for m in _TAIL.finditer(self._buf):
             args = self._buf[: m.start()]
             if _is_json_object(args):
-                self._send(ev, index, call, args)
-                call.complete = True
+                call, self._open = self._open, None
+                call.arguments = args
+                self.calls.append(call)
+                ev.calls.append(len(self.calls) - 1)
                 self._buf = self._buf[m.end() :]
-                self._in_call = False
                 return True
-        # Hand out all but what could still be the closing brace and its end tag.
-        safe = len(self._buf)
-        brace = self._buf.rfind("}")
-        if brace >= 0 and self._could_close(self._buf[brace:]):
-            safe = brace
-        self._send(ev, index, call, self._buf[:safe])
         return False
-
-    @staticmethod
-    def _could_close(tail: str) -> bool:
-        rest = tail[1:].lstrip()
-        return CALL_END.startswith(rest) or rest.startswith(CALL_END)
-
-    def _send(self, ev: ParserEvents, index: int, call: ParsedCall, args: str) -> None:
-        piece = args[self._args_sent :]
-        if piece:
-            call.arguments += piece
-            ev.arguments[index] = ev.arguments.get(index, "") + piece
-            self._args_sent = len(args)
 
 
 def _is_json_object(text: str) -> bool:

@@ -80,6 +80,19 @@ def post(
             "response_format",
         ),
         ({"model": MODEL, "messages": MSG, "chat_template": "{{ 7*7 }}"}, "chat_template"),
+        # OpenAI's strict checks: no content, non-boolean or non-integer values, options that
+        # need another field, an empty tool list
+        ({"model": MODEL, "messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.content"),
+        ({"model": MODEL, "messages": MSG, "stream": "yes"}, "stream"),
+        ({"model": MODEL, "messages": MSG, "max_tokens": 5.5}, "max_tokens"),
+        ({"model": MODEL, "messages": MSG, "n": "2"}, "n"),
+        ({"model": MODEL, "messages": MSG, "logprobs": 1}, "logprobs"),
+        (
+            {"model": MODEL, "messages": MSG, "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        ({"model": MODEL, "messages": MSG, "tools": []}, "tools"),
         (
             {"model": MODEL, "messages": MSG, "chat_template_kwargs": {"tokenize": True}},
             "chat_template_kwargs",
@@ -91,6 +104,61 @@ def test_invalid_requests_are_400_naming_the_param(server: str, body: dict, para
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"].startswith(param.split(".")[0])
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": "true"}, "echo"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": True}, "logprobs"),
+        ("/v1/responses", {"model": MODEL}, "input"),
+        ("/v1/responses", {"model": MODEL, "input": "hi", "stream": 1}, "stream"),
+        ("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 0}, "max_output"),
+        ("/v1/responses", {"model": MODEL, "input": [{"role": "user"}]}, "input.0"),
+        (
+            "/v1/responses",
+            {"model": MODEL, "input": [{"type": "input_image", "image_url": "x"}]},
+            "input.0",
+        ),
+        (
+            "/v1/responses",
+            {"model": MODEL, "input": "hi", "tools": [{"type": "web_search"}]},
+            "tools",
+        ),
+        (
+            "/v1/responses",
+            {"model": MODEL, "input": "hi", "text": {"format": {"type": "xml"}}},
+            "text.format",
+        ),
+        (
+            "/v1/responses",
+            {"model": MODEL, "input": "hi", "tool_choice": "required"},
+            "tool_choice",
+        ),
+        (
+            "/v1/responses",
+            {"model": MODEL, "input": "hi", "previous_response_id": "resp_nope"},
+            "previous_response_id",
+        ),
+        ("/tokenize", {"model": MODEL}, "prompt"),
+        ("/tokenize", {"model": MODEL, "prompt": "a", "messages": MSG}, "prompt"),
+        ("/tokenize", {"model": MODEL, "prompt": "a", "add_special_tokens": "no"}, "add_special"),
+        ("/detokenize", {"model": MODEL, "tokens": [10**7]}, "tokens"),
+        ("/detokenize", {"model": MODEL, "tokens": "abc"}, "tokens"),
+    ],
+)
+def test_other_apis_refuse_bad_input_naming_the_param(
+    server: str, path: str, body: dict, param: str
+) -> None:
+    r = post(server, body, path)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"].startswith(param), err
 
 
 def test_malformed_json_and_non_object(server: str) -> None:
@@ -125,6 +193,13 @@ def test_api_key_required_on_every_route_but_health(server: str) -> None:
         assert post(server, {"model": MODEL, "messages": MSG}, headers=headers).status_code == 401
         assert httpx.get(f"{server}/v1/models", headers=headers).status_code == 401
         assert httpx.get(f"{server}/metrics", headers=headers).status_code == 401
+        assert httpx.get(f"{server}/v1/responses/resp_x", headers=headers).status_code == 401
+        for path, body in [
+            ("/v1/responses", {"model": MODEL, "input": "hi"}),
+            ("/tokenize", {"prompt": "hi"}),
+            ("/detokenize", {"tokens": [1]}),
+        ]:
+            assert post(server, body, path, headers=headers).status_code == 401
     assert httpx.get(f"{server}/health").status_code == 200
 
 

@@ -7,19 +7,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from model_parallel.request import RequestOutput
 from serving.chat import merge_choice, sampling_params, usage
+from serving.frontend import Frontend, ModelEntry
 from serving.protocol import CompletionRequest, OpenAIError
 from serving.streams import first_output, prepend, sse
 from serving.structured_outputs import requested_guide
-
-if TYPE_CHECKING:
-    from serving.ingress import ModelEntry, OpenAIIngress
 
 
 def prompt_ids(
@@ -35,24 +33,23 @@ def prompt_ids(
 
 
 class CompletionsHandler:
-    def __init__(self, ingress: OpenAIIngress):
-        self.ingress = ingress
+    def __init__(self, front: Frontend):
+        self.front = front
 
     async def handle(self, request: Request) -> Response:
-        ing = self.ingress
-        ing.authorize(request)
-        req: CompletionRequest = await ing.parse(request, CompletionRequest)
-        entry = ing.model(req.model)
+        front = self.front
+        req: CompletionRequest = await front.parse(request, CompletionRequest)
+        entry = front.model(req.model)
         if req.suffix is not None:
             raise OpenAIError("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise OpenAIError("best_of other than n is not supported", param="best_of")
         if req.echo and req.logprobs is not None:
             raise OpenAIError("echo with logprobs is not supported", param="echo")
-        if req.n > ing.settings.max_n:
-            raise OpenAIError(f"n must be in [1, {ing.settings.max_n}]", param="n")
+        if req.n > front.settings.max_n:
+            raise OpenAIError(f"n must be in [1, {front.settings.max_n}]", param="n")
         prompts = prompt_ids(entry.tokenizer, req.prompt)
-        if len(prompts) * req.n > 4 * ing.settings.max_n:
+        if len(prompts) * req.n > 4 * front.settings.max_n:
             raise OpenAIError("too many prompts in one request", param="prompt")
         vocab = len(entry.tokenizer)
         for p in prompts:
@@ -60,14 +57,14 @@ class CompletionsHandler:
                 raise OpenAIError(
                     f"prompt token ids must be in [0, {vocab}) and non-empty", param="prompt"
                 )
-            await ing.check_prompt(entry, p, "prompt")
+            await front.check_prompt(entry, p, "prompt")
         guide = None
         if (asked := requested_guide(req)) is not None:
             param, guide = asked
-            await ing.check_guide(guide, param)
+            await front.check_guide(guide, param)
         params = sampling_params(req, req.max_tokens, req.logprobs, guide, entry.defaults)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = [ing.open_stream(entry, f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
+        streams = [front.open_stream(entry, f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
         firsts = [await first_output(s) for s in streams]
         view = CompletionView(rid, req, entry, prompts)
         if req.stream:

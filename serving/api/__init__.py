@@ -1,0 +1,1 @@
+"""One module per API (chat, completions, responses, tokenize), each over serving.frontend."""
