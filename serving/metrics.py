@@ -1,9 +1,20 @@
-"""Request metrics in Prometheus' text format, summed across every LLMServer replica."""
+"""Request metrics in Prometheus' text format (through prometheus_client), summed across every
+LLMServer replica, under our `llmcluster_*` names and, beside them, vLLM's `vllm:*` names and
+`model_name` label, so that dashboards and autoscalers built for vLLM read them unchanged."""
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from model_parallel.request import RequestOutput
 
@@ -13,9 +24,26 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 HISTOGRAMS = {
     "time_to_first_token_seconds": TTFT_BUCKETS,
     "time_per_output_token_seconds": TPOT_BUCKETS,
+    "inter_token_latency_seconds": TPOT_BUCKETS,
     "e2e_request_latency_seconds": E2E_BUCKETS,
 }
 PREFIX = "llmcluster"
+# ours -> vLLM's (its v1 engine's names; a counter's `_total` is added when rendered)
+VLLM_NAMES = {
+    "num_requests_running": "vllm:num_requests_running",
+    "num_requests_waiting": "vllm:num_requests_waiting",
+    "kv_cache_usage_perc": "vllm:kv_cache_usage_perc",
+    "prompt_tokens_total": "vllm:prompt_tokens",
+    "generation_tokens_total": "vllm:generation_tokens",
+    "request_success_total": "vllm:request_success",
+    "prefix_cache_queries_total": "vllm:prefix_cache_queries",
+    "prefix_cache_hits_total": "vllm:prefix_cache_hits",
+    "num_preemptions_total": "vllm:num_preemptions",
+    "time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "time_per_output_token_seconds": "vllm:request_time_per_output_token_seconds",
+    "inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    "e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+}
 # (metric, type, help, "requests" or "engine" stats, key): summed over replicas as they are
 SUMMED = [
     ("prompt_tokens_total", "counter", "Prefilled prompt tokens.", "requests", "prompt_tokens"),
@@ -70,9 +98,9 @@ class EngineMetrics:
         self.hist = {name: [0] * (len(b) + 1) for name, b in HISTOGRAMS.items()}
         self.sums = dict.fromkeys(HISTOGRAMS, 0.0)
 
-    def _observe(self, name: str, value: float) -> None:
-        self.hist[name][bisect.bisect_left(HISTOGRAMS[name], value)] += 1
-        self.sums[name] += value
+    def _observe(self, name: str, value: float, count: int = 1) -> None:
+        self.hist[name][bisect.bisect_left(HISTOGRAMS[name], value)] += count
+        self.sums[name] += value * count
 
     def observe_request(self, last: RequestOutput, start: float, first: float, end: float) -> None:
         for c in last.outputs:
@@ -83,9 +111,10 @@ class EngineMetrics:
         self._observe("time_to_first_token_seconds", first - start)
         self._observe("e2e_request_latency_seconds", end - start)
         if last.num_output_tokens > 1:
-            self._observe(
-                "time_per_output_token_seconds", (end - first) / (last.num_output_tokens - 1)
-            )
+            gaps = last.num_output_tokens - 1
+            self._observe("time_per_output_token_seconds", (end - first) / gaps)
+            # each gap at the request's mean: the replica sees tokens in batches of a step
+            self._observe("inter_token_latency_seconds", (end - first) / gaps, gaps)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -97,56 +126,84 @@ class EngineMetrics:
         }
 
 
-def render(model: str, replicas: list[dict[str, Any]], resumed: int = 0) -> str:
-    """Prometheus text for one model from its replicas' stats."""
-    lbl = f'model_name="{model}"'
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {PREFIX}_{name} {help_}")
-        lines.append(f"# TYPE {PREFIX}_{name} {kind}")
-        lines.extend(f"{PREFIX}_{name}{{{labels}}} {value}" for labels, value in samples)
-
+def families(model: str, replicas: list[dict[str, Any]], resumed: int = 0) -> list[Metric]:
+    """One model's metric families from its replicas' stats, under our names and vLLM's."""
     eng = [r["engine"] for r in replicas]
     req = [r["requests"] for r in replicas]
     total = lambda xs, k: sum(x[k] for x in xs)  # noqa: E731
-    reasons = sorted({k for r in req for k in r["finished"]})
+    out: list[Metric] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]):
+        for full in (f"{PREFIX}_{name}", VLLM_NAMES.get(name)):
+            if full is None:
+                continue
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                full.removesuffix("_total"), help_, labels=["model_name", *samples[0][0]]
+            )
+            for labels, value in samples:
+                family.add_metric([model, *labels.values()], value)
+            out.append(family)
+
+    reasons = sorted({k for r in req for k in r["finished"]}) or ["stop"]
     metric(
         "request_success_total",
         "counter",
         "Finished requests by finish reason.",
-        [
-            (f'{lbl},finished_reason="{k}"', sum(r["finished"].get(k, 0) for r in req))
-            for k in reasons
-        ],
+        [({"finished_reason": k}, sum(r["finished"].get(k, 0) for r in req)) for k in reasons],
     )
     for name, kind, help_, source, key in SUMMED:
-        metric(name, kind, help_, [(lbl, total(req if source == "requests" else eng, key))])
+        metric(name, kind, help_, [({}, total(req if source == "requests" else eng, key))])
+    used, blocks = total(eng, "kv_blocks_used"), total(eng, "kv_blocks_total")
+    metric(
+        "kv_cache_usage_perc",
+        "gauge",
+        "Fraction of KV-cache blocks in use (1 = full).",
+        [({}, used / blocks if blocks else 0.0)],
+    )
     metric(
         "request_resumes_total",
         "counter",
         "Requests sent on to another replica after theirs died (one may need several).",
-        [(lbl, resumed)],
+        [({}, resumed)],
     )
     queried, hits = total(eng, "prefix_queried_tokens"), total(eng, "prefix_hit_tokens")
     metric(
         "prefix_cache_hit_rate",
         "gauge",
         "Prefix-cache hits over queries since start.",
-        [(lbl, hits / queried if queried else 0.0)],
+        [({}, hits / queried if queried else 0.0)],
     )
-    for name, buckets in HISTOGRAMS.items():
-        counts = [sum(r["hist"][name][i] for r in req) for i in range(len(buckets) + 1)]
-        samples, running = [], 0
-        for bound, count in zip([*map(str, buckets), "+Inf"], counts):
-            running += count
-            samples.append((f'{lbl},le="{bound}"', running))
-        lines.append(f"# HELP {PREFIX}_{name} Request latency.")
-        lines.append(f"# TYPE {PREFIX}_{name} histogram")
-        lines.extend(f"{PREFIX}_{name}_bucket{{{lb}}} {v}" for lb, v in samples)
-        lines.append(f"{PREFIX}_{name}_sum{{{lbl}}} {sum(r['sums'][name] for r in req)}")
-        lines.append(f"{PREFIX}_{name}_count{{{lbl}}} {running}")
-    return "\n".join(lines) + "\n"
+    for name, bounds in HISTOGRAMS.items():
+        counts = [
+            sum(r["hist"].get(name, [0] * (len(bounds) + 1))[i] for r in req)
+            for i in range(len(bounds) + 1)
+        ]
+        cumulative = list(itertools.accumulate(counts))
+        buckets = list(zip([*map(str, bounds), "+Inf"], cumulative))
+        for full in (f"{PREFIX}_{name}", VLLM_NAMES.get(name)):
+            if full is not None:
+                family = HistogramMetricFamily(full, "Request latency.", labels=["model_name"])
+                family.add_metric([model], buckets, sum(r["sums"].get(name, 0.0) for r in req))
+                out.append(family)
+    return out
+
+
+def render(metrics: list[Metric]) -> str:
+    """Prometheus text, each family once with every model's samples."""
+    merged: dict[str, Metric] = {}
+    for m in metrics:
+        if m.name in merged:
+            merged[m.name].samples.extend(m.samples)
+        else:
+            merged[m.name] = m
+
+    class Collected:
+        def collect(self) -> list[Metric]:
+            return list(merged.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collected())
+    return generate_latest(registry).decode()
 
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
@@ -189,7 +246,7 @@ class MetricsStore:
         import time
 
         now = time.monotonic()
-        parts = []
+        found: list[Metric] = []
         for model, replicas in sorted(self.reports.items()):
             live = [
                 s if now - t < GAUGES_STALE_AFTER_S else without_gauges(s)
@@ -197,8 +254,8 @@ class MetricsStore:
                 if now - t < STALE_AFTER_S
             ]
             if live:
-                parts.append(render(model, live, self.resumed.get(model, 0)))
-        return "".join(parts)
+                found += families(model, live, self.resumed.get(model, 0))
+        return render(found)
 
 
 def metrics_store(app_name: str) -> Any:

@@ -100,3 +100,22 @@ def test_health_and_metrics(server: str, client) -> None:  # noqa: ANN001
         "num_requests_waiting",
     ):
         assert f"llmcluster_{name}" in text
+    # vLLM's names, summed the same way, so that its dashboards read ours unchanged
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ours, theirs = families["llmcluster_generation_tokens"], families["vllm:generation_tokens"]
+    assert [s.value for s in ours.samples] == [s.value for s in theirs.samples]
+    assert theirs.samples[0].labels == {"model_name": MODEL}
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prompt_tokens",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_success",
+    ):
+        assert name in families, name
+    assert 0 <= families["vllm:kv_cache_usage_perc"].samples[0].value <= 1
