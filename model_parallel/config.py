@@ -15,14 +15,14 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 QUANTIZATIONS = ("none", "w4a8")
 
 
-def resolve_dtype(model: ModelConfig, device: torch.device, amx: bool) -> torch.dtype:
+def resolve_dtype(model: ModelConfig, device: torch.device, bf16_kernels: bool) -> torch.dtype:
     """`auto` is the fastest dtype that keeps batch invariance, measured (README, Models): bf16 on
-    GPUs and on CPUs whose kernels have AMX tiles (a 32-row decode step's linears: 14.8 ms against
-    fp32's 52 on a 2-core Xeon); fp32 on other CPUs, where our vdpbf16ps bf16 kernels are no
-    faster than fp32 over a GGUF's 4-bit blocks (52 ms) and 5x slower on AVX2-only ones. w4a8
-    runs in fp32."""
+    GPUs and on CPUs whose kernels multiply bf16 natively (AMX tiles, or AVX512-BF16's
+    vdpbf16ps: on a 2-core Zen 4, 853 tok/s at 32 streams against fp32's 396 over a GGUF's
+    4-bit blocks, 81 against 91 at one stream); fp32 on AVX2-only CPUs, where bf16 is 5x
+    slower. w4a8 runs in fp32."""
     if model.dtype == "auto":
-        bf16 = model.quantization == "none" and (device.type == "cuda" or amx)
+        bf16 = model.quantization == "none" and (device.type == "cuda" or bf16_kernels)
         return torch.bfloat16 if bf16 else torch.float32
     if model.dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {model.dtype!r}")

@@ -35,7 +35,9 @@ def build_runner(config: EngineConfig, rank: int, address: str, store: Any = Non
         arch,
         str(path),
         max_model_len,
-        resolve_dtype(config.model, device, device.type == "cpu" and cpu_kernels.isa() == "amx"),
+        resolve_dtype(
+            config.model, device, device.type == "cpu" and cpu_kernels.isa() in ("amx", "avx512")
+        ),
         device,
         tp,
     )
