@@ -137,9 +137,11 @@ def families(model: str, replicas: list[dict[str, Any]], resumed: int = 0) -> li
         for full in (f"{PREFIX}_{name}", VLLM_NAMES.get(name)):
             if full is None:
                 continue
-            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
-                full.removesuffix("_total"), help_, labels=["model_name", *samples[0][0]]
-            )
+            labels = ["model_name", *samples[0][0]]
+            if kind == "counter":  # prometheus_client adds the _total
+                family = CounterMetricFamily(full.removesuffix("_total"), help_, labels=labels)
+            else:
+                family = GaugeMetricFamily(full, help_, labels=labels)
             for labels, value in samples:
                 family.add_metric([model, *labels.values()], value)
             out.append(family)
@@ -154,25 +156,29 @@ def families(model: str, replicas: list[dict[str, Any]], resumed: int = 0) -> li
     for name, kind, help_, source, key in SUMMED:
         metric(name, kind, help_, [({}, total(req if source == "requests" else eng, key))])
     used, blocks = total(eng, "kv_blocks_used"), total(eng, "kv_blocks_total")
-    metric(
-        "kv_cache_usage_perc",
-        "gauge",
-        "Fraction of KV-cache blocks in use (1 = full).",
-        [({}, used / blocks if blocks else 0.0)],
-    )
-    metric(
-        "request_resumes_total",
-        "counter",
-        "Requests sent on to another replica after theirs died (one may need several).",
-        [({}, resumed)],
-    )
     queried, hits = total(eng, "prefix_queried_tokens"), total(eng, "prefix_hit_tokens")
-    metric(
-        "prefix_cache_hit_rate",
-        "gauge",
-        "Prefix-cache hits over queries since start.",
-        [({}, hits / queried if queried else 0.0)],
-    )
+    derived = [
+        (
+            "kv_cache_usage_perc",
+            "gauge",
+            "Fraction of KV-cache blocks in use (1 = full).",
+            used / blocks if blocks else 0.0,
+        ),
+        (
+            "request_resumes_total",
+            "counter",
+            "Requests sent on to another replica after theirs died (one may need several).",
+            resumed,
+        ),
+        (
+            "prefix_cache_hit_rate",
+            "gauge",
+            "Prefix-cache hits over queries since start.",
+            hits / queried if queried else 0.0,
+        ),
+    ]
+    for name, kind, help_, value in derived:
+        metric(name, kind, help_, [({}, value)])
     for name, bounds in HISTOGRAMS.items():
         counts = [
             sum(r["hist"].get(name, [0] * (len(bounds) + 1))[i] for r in req)

@@ -201,10 +201,25 @@ def test_parallel_calls_and_a_call_cut_by_max_tokens(client) -> None:  # noqa: A
     calls = [tc.model_dump() for tc in r.choices[0].message.tool_calls]
     assert len(calls) >= 2 and r.choices[0].finish_reason == "tool_calls"
     assert_valid(calls, [WEATHER])
-    cut = client.chat.completions.create(
-        model=MODEL, messages=ask, tools=[WEATHER], tool_choice="required", max_tokens=8
-    )
+    kw = {"model": MODEL, "messages": ask, "tools": [WEATHER], "tool_choice": "required"}
+    cut = client.chat.completions.create(max_tokens=8, **kw)
     assert cut.choices[0].finish_reason == "length" and not cut.choices[0].message.tool_calls
+    # greedy, cut inside the last call: whole and streamed list the same complete calls, and
+    # the stream never opens the one that cannot parse
+    short = r.usage.completion_tokens - 3
+    whole = client.chat.completions.create(max_tokens=short, temperature=0, **kw).choices[0]
+    pieces = [
+        tc.model_dump()
+        for chunk in client.chat.completions.create(
+            max_tokens=short, temperature=0, stream=True, **kw
+        )
+        for ch in chunk.choices
+        for tc in ch.delta.tool_calls or []
+    ]
+    assert whole.finish_reason == "length" and len(whole.message.tool_calls) == len(calls) - 1
+    assert [p["function"] for p in pieces] == [
+        tc.function.model_dump() for tc in whole.message.tool_calls
+    ]
 
 
 def test_streamed_and_whole_calls_carry_identical_arguments(server: str) -> None:

@@ -47,6 +47,7 @@ def test_a_silent_replica_leaves_gauges_then_counters(monkeypatch: pytest.Monkey
     store.report("m", "b", stats(1, 3, 5))
     text = store.render()
     assert value(text, "kv_cache_blocks_used") == 10 and value(text, "prompt_tokens_total") == 15
+    assert value(text, "kv_cache_blocks_total") == 200  # a gauge keeps its _total
     now[0] += 6
     store.report("m", "a", stats(0, 0, 12))  # 'b' died with a request in flight
     text = store.render()
