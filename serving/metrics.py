@@ -126,6 +126,11 @@ class EngineMetrics:
         }
 
 
+def exported(name: str) -> list[str]:
+    """A metric's full names: ours, and vLLM's where it has one."""
+    return [f"{PREFIX}_{name}", *([VLLM_NAMES[name]] if name in VLLM_NAMES else [])]
+
+
 def families(model: str, replicas: list[dict[str, Any]], resumed: int = 0) -> list[Metric]:
     """One model's metric families from its replicas' stats, under our names and vLLM's."""
     eng = [r["engine"] for r in replicas]
@@ -134,9 +139,7 @@ def families(model: str, replicas: list[dict[str, Any]], resumed: int = 0) -> li
     out: list[Metric] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]):
-        for full in (f"{PREFIX}_{name}", VLLM_NAMES.get(name)):
-            if full is None:
-                continue
+        for full in exported(name):
             labels = ["model_name", *samples[0][0]]
             if kind == "counter":  # prometheus_client adds the _total
                 family = CounterMetricFamily(full.removesuffix("_total"), help_, labels=labels)
@@ -186,11 +189,10 @@ def families(model: str, replicas: list[dict[str, Any]], resumed: int = 0) -> li
         ]
         cumulative = list(itertools.accumulate(counts))
         buckets = list(zip([*map(str, bounds), "+Inf"], cumulative))
-        for full in (f"{PREFIX}_{name}", VLLM_NAMES.get(name)):
-            if full is not None:
-                family = HistogramMetricFamily(full, "Request latency.", labels=["model_name"])
-                family.add_metric([model], buckets, sum(r["sums"].get(name, 0.0) for r in req))
-                out.append(family)
+        for full in exported(name):
+            family = HistogramMetricFamily(full, "Request latency.", labels=["model_name"])
+            family.add_metric([model], buckets, sum(r["sums"].get(name, 0.0) for r in req))
+            out.append(family)
     return out
 
 

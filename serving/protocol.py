@@ -73,6 +73,13 @@ def from_validation_error(e: ValidationError) -> OpenAIError:
     return OpenAIError(f"{param}: {msg}" if param else msg, param=param)
 
 
+def joined(content: Any) -> str:
+    """A string, or text parts (anything with .text), as one string; None as empty."""
+    if isinstance(content, list):
+        return "".join(p.text for p in content)
+    return content or ""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -114,9 +121,7 @@ class ChatMessage(_Model):
         return v
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+        return joined(self.content)
 
 
 class StreamOptions(_Model):
@@ -242,9 +247,7 @@ class MessageItem(_Model):
     content: str | list[InputText]
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content
+        return joined(self.content)
 
 
 class FunctionCallItem(_Model):
@@ -260,9 +263,7 @@ class FunctionCallOutputItem(_Model):
     output: str | list[InputText]
 
     def text(self) -> str:
-        if isinstance(self.output, list):
-            return "".join(p.text for p in self.output)
-        return self.output
+        return joined(self.output)
 
 
 def _item_type(item: Any) -> str:

@@ -5,7 +5,7 @@ tool plan and engine as /v1/chat/completions; the output is built by ResponseBui
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -144,7 +144,7 @@ class ResponsesHandler:
 
     @staticmethod
     async def _events(
-        builder: ResponseBuilder, outputs: AsyncIterator[Any], keep: Any
+        builder: ResponseBuilder, outputs: AsyncIterator[Any], keep: Callable[[], None]
     ) -> AsyncIterator[dict[str, Any]]:
         for event in builder.start():
             yield event
