@@ -130,7 +130,7 @@ def test_random_arrivals_aborts_and_preemptions_leave_the_pool_full(make_engine)
     """A small pool (preemptions), n > 1, grammars, and aborts at any moment: whatever happens,
     every block comes back."""
     rng = random.Random(1)
-    engine = make_engine(num_blocks=24, max_num_seqs=8, max_num_batched_tokens=64)
+    engine = make_engine(num_blocks=16, max_num_seqs=8, max_num_batched_tokens=64)
     base = engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Tell me a story."}],
         add_generation_prompt=True,
@@ -147,6 +147,7 @@ def test_random_arrivals_aborts_and_preemptions_leave_the_pool_full(make_engine)
                 SamplingParams(
                     n=rng.choice([1, 1, 2, 3]),
                     temperature=rng.choice([0.0, 1.0]),
+                    seed=step,
                     max_tokens=rng.randrange(1, 40),
                     structured=StructuredOutputSpec("json_object", "")
                     if rng.random() < 0.1
