@@ -73,7 +73,7 @@ int amx_linear_bf16(uint16_t *y, const uint16_t *x, int m, int k, const uint32_t
     configure_tiles();
     float *c = aligned_alloc(64, sizeof(float) * ROWS * COLS);
     uint16_t *pad = NULL;
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(guided)
     for (int t = 0; t < n / COLS; t++)
       for (int blk = 0; blk < blocks; blk++) {
         const int rows = m - blk * ROWS < ROWS ? m - blk * ROWS : ROWS;

@@ -224,7 +224,7 @@ void block_quant_linear_f32(float *y, const float *x, int m, int k, const uint8_
 #pragma omp parallel num_threads(num_threads)
   {
     float *panel = m > MAX_ROWS ? aligned_alloc(64, (size_t)k * COLUMNS * sizeof(float)) : NULL;
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
     for (int t = 0; t < n / COLUMNS; t++) {
       const uint8_t *tile = w + t * per_tile;
       const float *b = bias ? bias + t * COLUMNS : NULL;
@@ -245,7 +245,7 @@ void block_quant_linear_f32(float *y, const float *x, int m, int k, const uint8_
   void panel_linear_##S(T *y, const T *x, int m, int k, const W *w, int n, const T *bias,        \
                         int num_threads) {                                                       \
     const int chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;                                          \
-    _Pragma("omp parallel for num_threads(num_threads) schedule(static) collapse(2)")            \
+    _Pragma("omp parallel for num_threads(num_threads) schedule(guided) collapse(2)")            \
     for (int t = 0; t < n / COLS; t++)                                                           \
       for (int c = 0; c < chunks; c++) {                                                         \
         const int rows = m - c * ROW_CHUNK < ROW_CHUNK ? m - c * ROW_CHUNK : ROW_CHUNK;          \

@@ -159,10 +159,10 @@ void w4a8_linear_f32(float *y, const float *x, int m, int k, const uint8_t *w, i
   float *scales = malloc(sizeof(float) * 3 * ((size_t)m * blocks + 1));
 #pragma omp parallel num_threads(num_threads)
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
     for (long rb = 0; rb < (long)m * blocks; rb++)
       quantize_block(x + rb * W4A8_BLOCK, qx + rb * W4A8_BLOCK, scales + 3 * rb);
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
     for (int t = 0; t < n / W4A8_COLUMNS; t++)
       for (int row = 0; row < m; row += W4A8_ROWS)
         (bits == 4 ? w4a8_tile_q4 : w4a8_tile_q8)(
