@@ -26,13 +26,15 @@ from serve_vs_llamacpp import (  # noqa: E402
     running,
 )
 
-MODES = {
-    "default": {},  # what `llmcluster serve` sets (cluster.launch.SERVE_ENV)
-    "no-grpc": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"},
-    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
-    "haproxy+throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "omp-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+_HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+MODES: dict[str, tuple[dict[str, str], list[str]]] = {  # environment, `llmcluster serve` flags
+    "default": ({}, []),  # what `llmcluster serve` sets (cluster.launch.SERVE_ENV)
+    "ingress": ({}, ["--no-direct-streaming"]),  # the separate ingress deployment
+    "no-grpc": ({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}, []),
+    "throughput": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, []),
+    "haproxy": (_HAPROXY, []),
+    "haproxy+throughput": (_HAPROXY | {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, []),
+    "omp-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
 }
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -116,9 +118,10 @@ def main() -> None:
     engine = engine_alone(args.concurrency, args.num_prompts, args.max_tokens)
     costs = {}
     for mode in args.modes:
-        env = {**os.environ, **MODES[mode]}
+        env, flags = MODES[mode]
+        env = {**os.environ, **env}
         port = free_port()
-        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port)]
+        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), *flags]
         with running(cmd + args.serve_args.split(), port, args.logs / f"{mode}.log", env) as url:
             drive(url, 1, 2, 16)  # warm-up
             for c in args.concurrency:

@@ -134,6 +134,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="tokens per streamed chunk after the first (more: less CPU, burstier streams)",
     )
     p.add_argument("--address", default=None, help="join a running Ray cluster ('auto')")
+    p.add_argument(
+        "--no-direct-streaming",
+        dest="direct_streaming",
+        action="store_false",
+        help="keep the ingress apart even for one model on one replica (serving/direct.py)",
+    )
     p.add_argument("--allow-request-chat-template", action="store_true")
     p.add_argument(
         "--override-generation-config",
@@ -170,7 +176,7 @@ def _app_config(args: argparse.Namespace) -> AppConfig:
     server = ServerSettings(
         api_key=args.api_key, allow_request_chat_template=args.allow_request_chat_template
     )
-    return AppConfig(models=(model,), server=server)
+    return AppConfig(models=(model,), server=server, direct_streaming=args.direct_streaming)
 
 
 def _from_yaml(args: argparse.Namespace) -> tuple[AppConfig, str, int]:

@@ -11,6 +11,7 @@ from ray.serve.config import RequestRouterConfig
 
 from serving.autoscaling import LLMAutoscalingPolicy
 from serving.config import AppConfig, ModelDeployment, config_from_dict
+from serving.direct import OpenAIServer
 from serving.ingress import OpenAIIngress
 from serving.llm_server import LLMServer
 from serving.router import PrefixAffinityRouter
@@ -18,21 +19,30 @@ from serving.router import PrefixAffinityRouter
 INGRESS_MAX_ONGOING = 2048
 
 
-def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
-    par = m.engine.parallel
-    gpu = m.uses_gpu
-    bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-    cpus = m.replica_cpus()
-    options: dict[str, Any] = {
-        "name": f"LLMServer:{m.name}".replace("/", "--"),
-        "max_ongoing_requests": m.engine.scheduler.max_num_seqs,
-        "max_queued_requests": m.max_queued_requests,
+def replica_options(m: ModelDeployment) -> dict[str, Any]:
+    """What a model replica asks of Serve, whether it is an LLMServer or serves directly."""
+    return {
+        "name": deployment_name(m),
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,
         # A replica that leaves (scale-down, redeploy) gets no new requests and finishes its
         # streams for up to this long.
         "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
-        "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0},
+        "ray_actor_options": {"num_cpus": m.replica_cpus(), "num_gpus": 1 if m.uses_gpu else 0},
+    }
+
+
+def deployment_name(m: ModelDeployment) -> str:
+    """The model's deployment, by which another app gets a handle to it."""
+    return f"LLMServer:{m.name}".replace("/", "--")
+
+
+def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
+    par = m.engine.parallel
+    bundle = {"CPU": 1, "GPU": 1} if m.uses_gpu else {"CPU": 1}
+    options = replica_options(m) | {
+        "max_ongoing_requests": m.engine.scheduler.max_num_seqs,
+        "max_queued_requests": m.max_queued_requests,
         # Prompts that share a prefix go where it is cached, unless that replica is much busier.
         "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter),
     }
@@ -54,11 +64,15 @@ def llm_deployment(m: ModelDeployment, app_name: str) -> Application:
     return (
         serve.deployment(LLMServer)
         .options(**options)
-        .bind(m.engine, m.name, app_name, cpus, m.stream_interval)
+        .bind(m.engine, m.name, app_name, m.replica_cpus(), m.stream_interval)
     )
 
 
 def build_app(config: AppConfig) -> Application:
+    if config.serves_directly:
+        (m,) = config.models
+        options = replica_options(m) | {"max_ongoing_requests": INGRESS_MAX_ONGOING}
+        return OpenAIServer.options(**options).bind(config, m.engine, m.replica_cpus())
     handles = {m.name: llm_deployment(m, config.name) for m in config.models}
     # The ingress only waits on streams: Serve's default of 5 requests in flight would queue them.
     scale: dict[str, Any] = {"num_replicas": config.ingress_replicas}

@@ -99,6 +99,23 @@ class AppConfig:
     # keeps it on the head node, a custom resource on CPU-only nodes.
     ingress_resources: dict[str, float] | None = None
     name: str = "llmcluster"
+    # One model on one single-rank replica, with one ingress: serve HTTP from that replica
+    # (serving/direct.py). False keeps the separate ingress deployment.
+    direct_streaming: bool = True
+
+    @property
+    def serves_directly(self) -> bool:
+        if not self.direct_streaming or len(self.models) != 1:
+            return False
+        (m,) = self.models
+        return (
+            m.autoscaling_config is None
+            and m.num_replicas == 1
+            and m.engine.parallel.tensor_parallel_size == 1
+            and self.ingress_replicas == 1
+            and self.ingress_autoscaling_config is None
+            and self.ingress_resources is None
+        )
 
 
 _MODEL_KEYS = {

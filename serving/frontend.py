@@ -18,9 +18,10 @@ from model_parallel.loader import resolve_model_path
 from model_parallel.structured import StructuredOutputSpec, build_grammar
 from serving.chat import LogprobFormatter, generation_defaults
 from serving.config import AppConfig, ModelDeployment
+from serving.local_handle import LocalHandle
 from serving.metrics import metrics_store
 from serving.protocol import OpenAIError, from_validation_error
-from serving.resumable import ResumableStream
+from serving.resumable import MAX_RESUMES, ResumableStream
 
 
 class ModelEntry:
@@ -30,6 +31,7 @@ class ModelEntry:
         from transformers import AutoTokenizer
 
         self.name, self.handle = deployment.name, handle
+        self.resumable = not isinstance(handle, LocalHandle)  # another replica may continue it
         model = deployment.engine.model
         self.path = resolve_model_path(model.model, model.cache_dir)
         self.defaults = generation_defaults(self.path, deployment.generation_config)
@@ -133,7 +135,8 @@ class Frontend:
         """The request's stream from the model's LLMServer, continued elsewhere if its replica
         dies (counted in /metrics)."""
         count = lambda: self.metrics.count_resumed.remote(entry.name)  # noqa: E731
-        return ResumableStream(entry.handle, request_id, prompt, params, count)
+        resumes = MAX_RESUMES if entry.resumable else 0
+        return ResumableStream(entry.handle, request_id, prompt, params, count, resumes)
 
 
 def validate(model: type[BaseModel], data: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Concurrency, client disconnects freeing KV blocks, /health and /metrics."""
+"""Concurrency, client disconnects freeing KV blocks, /health and /metrics, and the two ways a
+model is served: from its own replica (direct streaming) and behind a separate ingress."""
 
 from __future__ import annotations
 
@@ -19,6 +20,23 @@ def metric(server: str, name: str) -> float:
     m = re.search(rf"^llmcluster_{name}{{[^}}]*}} ([0-9.e+-]+)$", text, re.M)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
+
+
+def test_direct_and_separate_ingress_stream_the_same_tokens(server: str, client) -> None:  # noqa: ANN001
+    """The main app is one deployment (the model replica answers HTTP); the keyless /open app is
+    an OpenAIIngress that reaches that replica through a Serve handle."""
+    from openai import OpenAI
+    from ray import serve
+
+    assert list(serve.status().applications["llmcluster"].deployments) == [f"LLMServer:{MODEL}"]
+    assert "OpenAIIngress" in serve.status().applications["open"].deployments
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Name a color."}], max_tokens=24)
+    greedy = {"temperature": 0.0, "extra_body": {"repetition_penalty": 1.1}}
+    answers = []
+    for c, extra in ((client, greedy), (OpenAI(base_url=f"{server}/open/v1", api_key="-"), {})):
+        stream = c.chat.completions.create(**ask, **extra, stream=True)
+        answers.append("".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices))
+    assert answers[0] and answers[0] == answers[1]
 
 
 def test_64_concurrent_streams_all_finish(aclient) -> None:  # noqa: ANN001

@@ -87,3 +87,28 @@ def test_cpu_replicas_share_the_cores_unless_told() -> None:
     assert told.replica_cpus() == 3 and told.replica_resources() == {"CPU": 3}
     with pytest.raises(ValueError, match="cpus_per_replica"):
         ModelDeployment(cpus_per_replica=0)
+
+
+def test_one_model_on_one_replica_serves_directly_and_nothing_else_does() -> None:
+    import dataclasses
+
+    from model_parallel.config import EngineConfig, ParallelConfig
+    from serving.app import build_app, deployment_name
+    from serving.config import AppConfig, ModelDeployment
+
+    one = AppConfig()
+    assert one.serves_directly
+    assert build_app(one)._bound_deployment.name == deployment_name(one.models[0])
+    tp2 = EngineConfig(parallel=ParallelConfig(tensor_parallel_size=2))
+    apart = [
+        dataclasses.replace(one, direct_streaming=False),
+        AppConfig(models=(ModelDeployment(num_replicas=2),)),
+        AppConfig(models=(ModelDeployment(autoscaling_config={"max_replicas": 2}),)),
+        AppConfig(models=(ModelDeployment(engine=tp2),)),
+        AppConfig(models=tuple(ModelDeployment(served_model_name=n) for n in "ab")),
+        AppConfig(ingress_replicas=2),
+        AppConfig(ingress_resources={"head": 0.01}),
+    ]
+    for config in apart:
+        assert not config.serves_directly
+        assert build_app(config)._bound_deployment.name == "OpenAIIngress"

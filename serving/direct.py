@@ -1,0 +1,66 @@
+"""Direct streaming: an app of one model on one replica serves HTTP from the model replica itself
+(as Ray Serve LLM does for such apps). Each streamed token then crosses one Serve hop (proxy to
+replica) instead of two (proxy to ingress to LLMServer): on two cores that CPU is the engine's.
+
+Nothing that needs a second replica is lost: prefix-affinity routing, resumption elsewhere and
+scaling only mean something with more than one, and such apps keep the separate ingress."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from model_parallel.config import EngineConfig
+from model_parallel.request import RequestOutput, SamplingParams
+from serving.config import AppConfig
+from serving.ingress import OpenAIIngress
+from serving.llm_server import LLMServer
+from serving.local_handle import LocalHandle
+
+
+@serve.deployment
+class OpenAIServer(OpenAIIngress.func_or_class):
+    """The OpenAI routes and the model replica in one Serve replica."""
+
+    async def __init__(self, config: AppConfig, engine_config: EngineConfig, num_threads: int):
+        (m,) = config.models
+        self.server = LLMServer(engine_config, m.name, config.name, num_threads, m.stream_interval)
+        # Serve's max_ongoing + max_queued_requests of the LLMServer deployment, counted here over
+        # generation requests only: /health, /metrics and /v1/models must not wait behind a batch.
+        queued = m.max_queued_requests
+        self.admit = None if queued < 0 else engine_config.scheduler.max_num_seqs + queued
+        self.ongoing = 0
+        await super().__init__(config, {m.name: LocalHandle(self)})
+
+    # What LocalHandle (and another app's handle to this deployment) calls.
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        if self.admit is not None and self.ongoing >= self.admit:
+            raise BackPressureError(
+                num_queued_requests=self.ongoing, max_queued_requests=self.admit
+            )
+        self.ongoing += 1
+        try:
+            async for out in self.server.generate(
+                request_id, prompt_token_ids, params, output_token_ids
+            ):
+                yield out
+        finally:
+            self.ongoing -= 1
+
+    def info(self) -> dict[str, Any]:
+        return self.server.info()
+
+    def stats(self) -> dict[str, Any]:
+        return self.server.stats()
+
+    def check_health(self) -> None:
+        self.server.check_health()
