@@ -85,15 +85,28 @@ class _AsyncFrontEnd:
         self._submit("abort", request_id)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        self._deliver_step([(request_id, item)])
+
+    def _deliver_step(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """A step's outputs wake each consumer loop once, not once per request (each wake-up is
+        a write to the loop's self-pipe and a turn of it)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, puts in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, puts)
 
     def _fail_all(self, error: BaseException) -> None:
         self._error = error
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError(f"engine failure: {error!r}"))
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in puts:
+        stream.put_nowait(item)
 
 
 def _drain(engine: LLMEngine, commands: Any, block: bool, on_error: Any) -> bool:
@@ -156,8 +169,7 @@ class AsyncEngine(_AsyncFrontEnd):
             while not self._stopped:
                 if not _drain(self.engine, take, not self.engine.has_unfinished(), self._deliver):
                     return
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                self._deliver_step([(out.request_id, out) for out in self.engine.step()])
         except BaseException as e:  # noqa: BLE001 - any fault fails every request, never hangs
             logger.exception("engine loop failed")
             self._fail_all(e)
@@ -245,8 +257,7 @@ class ProcessEngine(_AsyncFrontEnd):
                 kind, payload = self._results.recv()
                 if kind == "step":
                     outs, self._stats = payload
-                    for out in outs:
-                        self._deliver(out.request_id, out)
+                    self._deliver_step([(out.request_id, out) for out in outs])
                 elif kind == "refused":
                     request_id, message = payload
                     self._deliver(request_id, ValueError(message))
