@@ -14,11 +14,32 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from model_parallel.config import EngineConfig
-from model_parallel.request import RequestOutput, SamplingParams
+from model_parallel.request import RequestOutput
 from serving.config import AppConfig
 from serving.ingress import OpenAIIngress
 from serving.llm_server import LLMServer
 from serving.local_handle import LocalHandle
+
+
+class Admission:
+    """The LLMServer deployment's max_ongoing + max_queued_requests, counted over generation
+    requests only: /health, /metrics and /v1/models must not wait behind a full batch."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.ongoing = limit, 0
+
+    async def admit(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        if self.limit is not None and self.ongoing >= self.limit:
+            await outputs.aclose()  # not started: nothing to abort
+            raise BackPressureError(
+                num_queued_requests=self.ongoing, max_queued_requests=self.limit
+            )
+        self.ongoing += 1
+        try:
+            async for out in outputs:
+                yield out
+        finally:
+            self.ongoing -= 1
 
 
 @serve.deployment
@@ -28,33 +49,17 @@ class OpenAIServer(OpenAIIngress.func_or_class):
     async def __init__(self, config: AppConfig, engine_config: EngineConfig, num_threads: int):
         (m,) = config.models
         self.server = LLMServer(engine_config, m.name, config.name, num_threads, m.stream_interval)
-        # Serve's max_ongoing + max_queued_requests of the LLMServer deployment, counted here over
-        # generation requests only: /health, /metrics and /v1/models must not wait behind a batch.
         queued = m.max_queued_requests
-        self.admit = None if queued < 0 else engine_config.scheduler.max_num_seqs + queued
-        self.ongoing = 0
+        self.admission = Admission(
+            None if queued < 0 else engine_config.scheduler.max_num_seqs + queued
+        )
         await super().__init__(config, {m.name: LocalHandle(self)})
 
-    # What LocalHandle (and another app's handle to this deployment) calls.
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        output_token_ids: list[int] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        if self.admit is not None and self.ongoing >= self.admit:
-            raise BackPressureError(
-                num_queued_requests=self.ongoing, max_queued_requests=self.admit
-            )
-        self.ongoing += 1
-        try:
-            async for out in self.server.generate(
-                request_id, prompt_token_ids, params, output_token_ids
-            ):
-                yield out
-        finally:
-            self.ongoing -= 1
+    async def generate(self, *args: Any) -> AsyncIterator[RequestOutput]:
+        """LLMServer.generate's arguments: LocalHandle calls it, and so may another app's handle
+        to this deployment."""
+        async for out in self.admission.admit(self.server.generate(*args)):
+            yield out
 
     def info(self) -> dict[str, Any]:
         return self.server.info()

@@ -1,10 +1,15 @@
-"""LocalHandle: a direct-streaming replica's own LLMServer behind a DeploymentHandle's call syntax,
-so the API modules (and ResumableStream) run unchanged over it."""
+"""Direct streaming's pieces: LocalHandle (the replica's own LLMServer behind a DeploymentHandle's
+call syntax, so the API modules and ResumableStream run unchanged over it) and Admission (the
+queue limit that Serve kept in front of LLMServer)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+from ray.serve.exceptions import BackPressureError
+
+from serving.direct import Admission
 from serving.local_handle import LocalHandle
 
 
@@ -43,5 +48,20 @@ def test_cancel_closes_the_generator_so_the_request_is_aborted() -> None:
         stream.cancel()
         await asyncio.sleep(0.01)
         assert server.closed
+
+    asyncio.run(run())
+
+
+def test_admission_refuses_past_the_limit_and_counts_finished_streams_out() -> None:
+    async def run() -> None:
+        server, admission = Server(), Admission(2)
+        held = [admission.admit(server.generate(5)) for _ in range(2)]
+        assert [await s.__anext__() for s in held] == [0, 0] and admission.ongoing == 2
+        with pytest.raises(BackPressureError):
+            await admission.admit(server.generate(5)).__anext__()
+        await held[0].aclose()
+        assert admission.ongoing == 1
+        assert [i async for i in admission.admit(server.generate(2))] == [0, 1]
+        assert admission.ongoing == 1
 
     asyncio.run(run())
