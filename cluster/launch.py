@@ -16,8 +16,10 @@ logger = logging.getLogger(__name__)
 # Serve settings for every process of a cluster: Serve reads them at import, so they belong in the
 # environment of `ray start` (cluster/ray/*.yaml) or of the driver that starts a local instance.
 # gRPC between the proxy, the ingress and LLMServer (one piece of Serve's throughput-optimized
-# mode; its direct ingress needs HAProxy): half the Serve CPU per streamed token, measured.
-SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+# mode; its direct ingress needs HAProxy): half the Serve CPU per streamed token, measured. The
+# controller's loop every 0.5 s instead of 0.1: it and the GCS it polls took ~1 ms of CPU per
+# streamed token at one stream on two cores (0.72 + 0.43 -> 0.26 + 0.17 CPU-s per 1,000).
+SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
 def apply_serve_env() -> None:
