@@ -88,30 +88,35 @@ static void softmax(float *x, int n) {
     _Pragma("omp parallel num_threads(num_threads)") {                                            \
       float *scores = malloc(sizeof(float) * num_heads * max_context);                            \
       float *acc = malloc(sizeof(float) * row), *qf = malloc(sizeof(float) * row);                \
+      float *kv = malloc(sizeof(float) * head_dim);                                               \
       _Pragma("omp for schedule(dynamic, 1)") for (int b = 0; b < num_seqs; b++) {                \
         const int ctx = (int)context_lens[b];                                                     \
         const int64_t *table = block_tables + (int64_t)b * max_blocks;                            \
         for (int i = 0; i < row; i++) qf[i] = ld_##S(q + b * q_stride + i);                       \
         for (int t = 0; t < ctx; t++) {                                                           \
           const T *k = k_cache + token_row(table, t, block_size, token_stride);                   \
-          for (int h = 0; h < num_heads; h++) {                                                   \
-            const float *qh = qf + h * head_dim;                                                  \
-            const T *kh = k + (h / group) * head_dim;                                             \
-            float s = 0.f;                                                                        \
-            _Pragma("omp simd reduction(+ : s)") for (int i = 0; i < head_dim; i++) s +=          \
-                qh[i] * ld_##S(kh + i);                                                           \
-            scores[h * ctx + t] = s * scale;                                                      \
+          for (int g = 0; g < num_kv_heads; g++) { /* widened once for the group's heads */       \
+            for (int i = 0; i < head_dim; i++) kv[i] = ld_##S(k + g * head_dim + i);              \
+            for (int h = g * group; h < (g + 1) * group; h++) {                                   \
+              const float *qh = qf + h * head_dim;                                                \
+              float s = 0.f;                                                                      \
+              _Pragma("omp simd reduction(+ : s)") for (int i = 0; i < head_dim; i++) s +=        \
+                  qh[i] * kv[i];                                                                  \
+              scores[h * ctx + t] = s * scale;                                                    \
+            }                                                                                     \
           }                                                                                       \
         }                                                                                         \
         for (int h = 0; h < num_heads; h++) softmax(scores + h * ctx, ctx);                       \
         memset(acc, 0, sizeof(float) * row);                                                      \
         for (int t = 0; t < ctx; t++) {                                                           \
           const T *v = v_cache + token_row(table, t, block_size, token_stride);                   \
-          for (int h = 0; h < num_heads; h++) {                                                   \
-            const float p = scores[h * ctx + t];                                                  \
-            const T *vh = v + (h / group) * head_dim;                                             \
-            float *a = acc + h * head_dim;                                                        \
-            _Pragma("omp simd") for (int i = 0; i < head_dim; i++) a[i] += p * ld_##S(vh + i);    \
+          for (int g = 0; g < num_kv_heads; g++) {                                                \
+            for (int i = 0; i < head_dim; i++) kv[i] = ld_##S(v + g * head_dim + i);              \
+            for (int h = g * group; h < (g + 1) * group; h++) {                                   \
+              const float p = scores[h * ctx + t];                                                \
+              float *a = acc + h * head_dim;                                                      \
+              _Pragma("omp simd") for (int i = 0; i < head_dim; i++) a[i] += p * kv[i];           \
+            }                                                                                     \
           }                                                                                       \
         }                                                                                         \
         for (int i = 0; i < row; i++) out[(int64_t)b * row + i] = st_##S(acc[i]);                 \
@@ -119,6 +124,7 @@ static void softmax(float *x, int n) {
       free(scores);                                                                               \
       free(acc);                                                                                  \
       free(qf);                                                                                   \
+      free(kv);                                                                                   \
     }                                                                                             \
   }                                                                                               \
                                                                                                   \
