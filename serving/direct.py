@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 
 from model_parallel.config import EngineConfig
 from model_parallel.request import RequestOutput
@@ -21,51 +20,29 @@ from serving.llm_server import LLMServer
 from serving.local_handle import LocalHandle
 
 
-class Admission:
-    """The LLMServer deployment's max_ongoing + max_queued_requests, counted over generation
-    requests only: /health, /metrics and /v1/models must not wait behind a full batch."""
-
-    def __init__(self, limit: int | None):
-        self.limit, self.ongoing = limit, 0
-
-    async def admit(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        if self.limit is not None and self.ongoing >= self.limit:
-            await outputs.aclose()  # not started: nothing to abort
-            raise BackPressureError(
-                num_queued_requests=self.ongoing, max_queued_requests=self.limit
-            )
-        self.ongoing += 1
-        try:
-            async for out in outputs:
-                yield out
-        finally:
-            self.ongoing -= 1
-
-
 @serve.deployment
 class OpenAIServer(OpenAIIngress.func_or_class):
     """The OpenAI routes and the model replica in one Serve replica."""
 
     async def __init__(self, config: AppConfig, engine_config: EngineConfig, num_threads: int):
         (m,) = config.models
-        self.server = LLMServer(engine_config, m.name, config.name, num_threads, m.stream_interval)
+        # The LLMServer deployment's max_ongoing + max_queued_requests, counted by the server.
         queued = m.max_queued_requests
-        self.admission = Admission(
-            None if queued < 0 else engine_config.scheduler.max_num_seqs + queued
+        limit = None if queued < 0 else engine_config.scheduler.max_num_seqs + queued
+        self.server = LLMServer(
+            engine_config, m.name, config.name, num_threads, m.stream_interval, limit
         )
-        await super().__init__(config, {m.name: LocalHandle(self)})
+        await super().__init__(config, {m.name: LocalHandle(self.server)})
 
+    # What another app's handle to this deployment calls (this replica's routes go straight to
+    # self.server), and Serve's health check.
     async def generate(self, *args: Any) -> AsyncIterator[RequestOutput]:
-        """LLMServer.generate's arguments: LocalHandle calls it, and so may another app's handle
-        to this deployment."""
-        async for out in self.admission.admit(self.server.generate(*args)):
+        """LLMServer.generate's arguments."""
+        async for out in self.server.generate(*args):
             yield out
 
     def info(self) -> dict[str, Any]:
         return self.server.info()
-
-    def stats(self) -> dict[str, Any]:
-        return self.server.stats()
 
     def check_health(self) -> None:
         self.server.check_health()

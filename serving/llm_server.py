@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from model_parallel.async_engine import AsyncEngine, ProcessEngine
 from model_parallel.config import EngineConfig
@@ -37,6 +38,24 @@ async def every_n_tokens(
             held = None
 
 
+class Admission:
+    """A limit on generation requests in flight, where no Serve router in front keeps one (the
+    direct-streaming replica: there /health, /metrics and /v1/models must not wait behind it)."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.ongoing = limit, 0
+
+    def __enter__(self) -> None:
+        if self.limit is not None and self.ongoing >= self.limit:
+            raise BackPressureError(
+                num_queued_requests=self.ongoing, max_queued_requests=self.limit
+            )
+        self.ongoing += 1
+
+    def __exit__(self, *_: object) -> None:
+        self.ongoing -= 1
+
+
 class LLMServer:
     def __init__(
         self,
@@ -45,9 +64,11 @@ class LLMServer:
         app_name: str,
         num_threads: int = 1,
         stream_interval: int = 1,
+        max_requests: int | None = None,
     ):
         torch.set_num_threads(num_threads)
         self.stream_interval = stream_interval
+        self.admission = Admission(max_requests)
         # One rank: the engine gets a process of its own, away from this replica's GIL. With
         # tensor parallelism, rank 0 stays here, inside the placement group Serve made for it.
         tp = engine_config.parallel.tensor_parallel_size
@@ -84,11 +105,12 @@ class LLMServer:
         outputs = self.engine.generate(request_id, prompt_token_ids, params, output_token_ids)
         if self.stream_interval > 1:
             outputs = every_n_tokens(outputs, self.stream_interval)
-        async for out in outputs:
-            if first is None:
-                first = time.monotonic()
-            last = out
-            yield out
+        with self.admission:
+            async for out in outputs:
+                if first is None:
+                    first = time.monotonic()
+                last = out
+                yield out
         if last is not None and first is not None:
             self.metrics.observe_request(last, start, first, time.monotonic())
 

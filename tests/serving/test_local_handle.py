@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from ray.serve.exceptions import BackPressureError
 
-from serving.direct import Admission
+from serving.llm_server import Admission
 from serving.local_handle import LocalHandle
 
 
@@ -53,15 +53,20 @@ def test_cancel_closes_the_generator_so_the_request_is_aborted() -> None:
 
 
 def test_admission_refuses_past_the_limit_and_counts_finished_streams_out() -> None:
+    async def admit(admission: Admission, n: int):  # noqa: ANN202 - LLMServer.generate's shape
+        with admission:
+            async for i in Server().generate(n):
+                yield i
+
     async def run() -> None:
-        server, admission = Server(), Admission(2)
-        held = [admission.admit(server.generate(5)) for _ in range(2)]
+        admission = Admission(2)
+        held = [admit(admission, 5) for _ in range(2)]
         assert [await s.__anext__() for s in held] == [0, 0] and admission.ongoing == 2
         with pytest.raises(BackPressureError):
-            await admission.admit(server.generate(5)).__anext__()
+            await admit(admission, 5).__anext__()
         await held[0].aclose()
         assert admission.ongoing == 1
-        assert [i async for i in admission.admit(server.generate(2))] == [0, 1]
+        assert [i async for i in admit(admission, 2)] == [0, 1]
         assert admission.ongoing == 1
 
     asyncio.run(run())
