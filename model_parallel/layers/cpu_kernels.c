@@ -6,7 +6,11 @@
  * uint16_t, computed in fp32). The elementwise ones round after each operation exactly as the
  * torch ops they replace do (no FMA contraction), so rotary is bit-identical to the torch path;
  * RMSNorm's sum of squares may differ from torch's in its last bit (another summation order), and
- * attention's softmax uses the polynomial exp below where SDPA uses its own. */
+ * attention's softmax uses the polynomial exp below where SDPA uses its own.
+ *
+ * Attention is written in GCC's vector extension, in vectors as wide as the instruction set's
+ * registers (16 floats with AVX512, 8 with AVX2, 4 on the baseline), so one source serves each;
+ * every reduction in it has an order fixed by the row's own length and positions. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -32,99 +36,220 @@ static inline float rnd_bf16(float x) { /* what a torch op in bf16 yields */
   return ld_bf16(&h);
 }
 
-/* e^x for x <= 0 in a form the compiler vectorizes: Cephes' expf polynomial after a two-constant
- * ln 2 reduction; within 1.02 ulp of exp() over every float in [-87, 0] */
-static inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float n = floorf(x * 1.44269504f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX2__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+typedef float vf_unaligned __attribute__((vector_size(4 * LANES), aligned(4)));
+typedef uint16_t vh_unaligned __attribute__((vector_size(2 * LANES), aligned(2)));
+
+/* n <= LANES elements from p, the rest zero (n is LANES but for a head_dim's tail) */
+static inline vf vload_f32(const float *p, int n) {
+  if (n == LANES) return *(const vf_unaligned *)p;
+  vf v = {0};
+  for (int i = 0; i < n; i++) v[i] = p[i];
+  return v;
+}
+static inline vf vload_bf16(const uint16_t *p, int n) {
+  vh h = {0};
+  if (n == LANES) h = *(const vh_unaligned *)p;
+  else
+    for (int i = 0; i < n; i++) h[i] = p[i];
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+static inline vi lane_index(void) {
+  vi v;
+  for (int i = 0; i < LANES; i++) v[i] = i;
+  return v;
+}
+
+/* e^x for x <= 0: Cephes' expf polynomial after a two-constant ln 2 reduction; within 1.02 ulp of
+ * exp() over every float in [-87, 0]. floor() is truncation, less one where it rounded up. */
+static inline vf vexp_nonpositive(vf x) {
+  x = vsel(x < -87.f, x - x - 87.f, x);
+  const vf y = x * 1.44269504f + 0.5f;
+  vf n = __builtin_convertvector(__builtin_convertvector(y, vi), vf);
+  n += __builtin_convertvector(n > y, vf); /* a true lane is -1 */
+  const vf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vf p = r - r + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, 4);
-  return p * scale;
+  return p * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
 }
 
-/* Offset of token t's row in a cache of [blocks, block_size, kv_heads, head_dim], through a block
- * table */
-static inline int64_t token_row(const int64_t *table, int t, int block_size, int64_t token_stride) {
-  return (table[t / block_size] * block_size + t % block_size) * token_stride;
-}
-
+/* In place over x's n scores (x vector-aligned with room for whole vectors): lane-wise max and
+ * sums over the vectors, then across the lanes in order */
 static void softmax(float *x, int n) {
-  float m = -INFINITY, sum = 0.f;
-#pragma omp simd reduction(max : m)
-  for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
-#pragma omp simd reduction(+ : sum)
-  for (int i = 0; i < n; i++) {
-    x[i] = exp_nonpositive(x[i] - m);
-    sum += x[i];
+  const vi lane = lane_index();
+  vf mv = (vf){0} - INFINITY, sv = {0};
+  for (int t = 0; t < n; t += LANES) {
+    const vf v = vsel(lane + t < n, *(vf *)(x + t), mv);
+    mv = vsel(v > mv, v, mv);
   }
+  float m = mv[0], sum = 0.f;
+  for (int i = 1; i < LANES; i++) m = mv[i] > m ? mv[i] : m;
+  for (int t = 0; t < n; t += LANES) {
+    const vf e = vsel(lane + t < n, vexp_nonpositive(*(vf *)(x + t) - m), sv - sv);
+    *(vf *)(x + t) = e;
+    sv += e;
+  }
+  for (int i = 0; i < LANES; i++) sum += sv[i];
   const float inv = 1.f / sum;
-#pragma omp simd
-  for (int i = 0; i < n; i++) x[i] *= inv;
+  for (int t = 0; t < n; t += LANES) *(vf *)(x + t) *= inv;
+}
+
+/* The lane sums of LANES vectors in one vector, by halving: each step adds the even blocks of a
+ * pair of vectors to their odd blocks, interleaved. Lane j ends up with the sum of x[BITREV[j]]. */
+#define FOLD(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
+#if LANES == 16
+static const int BITREV[LANES] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+static inline vf lane_sums(const vf *x) {
+  vf y[8], z[4], w[2];
+  for (int i = 0; i < 8; i++)
+    y[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           FOLD(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                31);
+  for (int i = 0; i < 4; i++)
+    z[i] = FOLD(y[2 * i], y[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           FOLD(y[2 * i], y[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30,
+                31);
+  for (int i = 0; i < 2; i++)
+    w[i] = FOLD(z[2 * i], z[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           FOLD(z[2 * i], z[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30,
+                31);
+  return FOLD(w[0], w[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         FOLD(w[0], w[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+#elif LANES == 8
+static const int BITREV[LANES] = {0, 4, 2, 6, 1, 5, 3, 7};
+static inline vf lane_sums(const vf *x) {
+  vf y[4], z[2];
+  for (int i = 0; i < 4; i++)
+    y[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           FOLD(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; i++)
+    z[i] = FOLD(y[2 * i], y[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           FOLD(y[2 * i], y[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return FOLD(z[0], z[1], 0, 8, 2, 10, 4, 12, 6, 14) + FOLD(z[0], z[1], 1, 9, 3, 11, 5, 13, 7, 15);
+}
+#else
+static const int BITREV[LANES] = {0, 2, 1, 3};
+static inline vf lane_sums(const vf *x) {
+  const vf y0 = FOLD(x[0], x[1], 0, 1, 4, 5) + FOLD(x[0], x[1], 2, 3, 6, 7);
+  const vf y1 = FOLD(x[2], x[3], 0, 1, 4, 5) + FOLD(x[2], x[3], 2, 3, 6, 7);
+  return FOLD(y0, y1, 0, 4, 2, 6) + FOLD(y0, y1, 1, 5, 3, 7);
+}
+#endif
+
+/* Element offset of token t's row in a cache of [blocks, block_size, kv_heads, head_dim], through
+ * a block table (block_size is a power of two: 1 << shift) */
+static inline int64_t token_row(const int64_t *table, int t, int shift, int64_t token_stride) {
+  return ((table[t >> shift] << shift) + (t & ((1 << shift) - 1))) * token_stride;
+}
+
+#define PREFETCH_TOKENS 16 /* how far ahead the next K or V rows are fetched */
+static inline void prefetch_row(const void *row, int bytes) {
+  for (int i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)row + i);
 }
 
 #define DEFINE_KERNELS(S, T)                                                                      \
+  /* One query row's G heads of one KV group over its ctx tokens (head_dim in NC vectors, the     \
+   * last one tail wide): scores LANES tokens at a time, softmax, then the V rows weighted into   \
+   * accumulators that stay in registers where G and NC are constants. */                        \
+  static inline __attribute__((always_inline)) void attend_##S(                                   \
+      T *out, const T *q, const T *k_cache, const T *v_cache, const int64_t *table, int ctx,      \
+      int shift, int64_t token_stride, int G, int NC, int tail, float scale, float *scores) {     \
+    const int head_dim = (NC - 1) * LANES + tail, pad = (ctx + LANES - 1) / LANES * LANES;        \
+    const int row_bytes = head_dim * (int)sizeof(T);                                              \
+    vf qv[G][NC], acc[G][NC], part[G][LANES];                                                     \
+    for (int h = 0; h < G; h++)                                                                   \
+      for (int c = 0; c < NC; c++)                                                                \
+        qv[h][c] = vload_##S(q + h * head_dim + c * LANES, c == NC - 1 ? tail : LANES);           \
+    for (int t0 = 0; t0 < ctx; t0 += LANES) {                                                     \
+      for (int j = 0; j < LANES; j++) {                                                           \
+        const int t = t0 + j;                                                                     \
+        if (t == ctx) { /* the tile's last scores are zero, and masked off by softmax */          \
+          for (int h = 0; h < G; h++)                                                             \
+            for (int r = j; r < LANES; r++) part[h][BITREV[r]] = (vf){0};                         \
+          break;                                                                                  \
+        }                                                                                         \
+        if (t + PREFETCH_TOKENS < ctx)                                                            \
+          prefetch_row(k_cache + token_row(table, t + PREFETCH_TOKENS, shift, token_stride),      \
+                       row_bytes);                                                                \
+        const T *k = k_cache + token_row(table, t, shift, token_stride);                          \
+        vf kv[NC];                                                                                \
+        for (int c = 0; c < NC; c++) kv[c] = vload_##S(k + c * LANES, c == NC - 1 ? tail : LANES); \
+        for (int h = 0; h < G; h++) {                                                             \
+          vf s = qv[h][0] * kv[0];                                                                \
+          for (int c = 1; c < NC; c++) s += qv[h][c] * kv[c];                                     \
+          part[h][BITREV[j]] = s;                                                                 \
+        }                                                                                         \
+      }                                                                                           \
+      for (int h = 0; h < G; h++) *(vf *)(scores + h * pad + t0) = lane_sums(part[h]) * scale;    \
+    }                                                                                             \
+    for (int h = 0; h < G; h++) softmax(scores + h * pad, ctx);                                   \
+    for (int h = 0; h < G; h++)                                                                   \
+      for (int c = 0; c < NC; c++) acc[h][c] = (vf){0};                                           \
+    for (int t = 0; t < ctx; t++) {                                                               \
+      if (t + PREFETCH_TOKENS < ctx)                                                              \
+        prefetch_row(v_cache + token_row(table, t + PREFETCH_TOKENS, shift, token_stride),        \
+                     row_bytes);                                                                  \
+      const T *v = v_cache + token_row(table, t, shift, token_stride);                            \
+      for (int c = 0; c < NC; c++) {                                                              \
+        const vf vv = vload_##S(v + c * LANES, c == NC - 1 ? tail : LANES);                       \
+        for (int h = 0; h < G; h++) acc[h][c] += scores[h * pad + t] * vv;                        \
+      }                                                                                           \
+    }                                                                                             \
+    for (int h = 0; h < G; h++)                                                                   \
+      for (int c = 0; c < NC; c++)                                                                \
+        for (int i = 0; i < (c == NC - 1 ? tail : LANES); i++)                                    \
+          out[h * head_dim + c * LANES + i] = st_##S(acc[h][c][i]);                               \
+  }                                                                                               \
+                                                                                                  \
   /* out[b] = softmax(q[b] . K^T * scale) V over the context_lens[b] tokens of sequence b, each    \
-   * query head reading its KV group's head. One sequence a task: its K rows, then its V rows,    \
-   * are read once, block by block. q's rows are q_stride apart (a view into the QKV output). */  \
+   * query head reading its KV group's head. A task is one sequence's KV group: its K rows, then  \
+   * its V rows, are read once. q's rows are q_stride apart (a view into the QKV output). */      \
   void decode_attention_##S(T *out, const T *q, int64_t q_stride, const T *k_cache,              \
                             const T *v_cache, const int64_t *block_tables,                        \
                             const int64_t *context_lens, int num_seqs, int max_blocks,            \
                             int num_heads, int num_kv_heads, int head_dim, int block_size,        \
                             float scale, int num_threads) {                                       \
-    const int group = num_heads / num_kv_heads, row = num_heads * head_dim;                       \
-    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;                               \
+    const int G = num_heads / num_kv_heads, NC = (head_dim + LANES - 1) / LANES;                  \
+    const int tail = head_dim - (NC - 1) * LANES, shift = __builtin_ctz(block_size);              \
+    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;                                \
     int max_context = 1;                                                                          \
     for (int b = 0; b < num_seqs; b++)                                                            \
       if (context_lens[b] > max_context) max_context = (int)context_lens[b];                      \
     _Pragma("omp parallel num_threads(num_threads)") {                                            \
-      float *scores = malloc(sizeof(float) * num_heads * max_context);                            \
-      float *acc = malloc(sizeof(float) * row), *qf = malloc(sizeof(float) * row);                \
-      float *kv = malloc(sizeof(float) * head_dim);                                               \
-      _Pragma("omp for schedule(dynamic, 1)") for (int b = 0; b < num_seqs; b++) {                \
-        const int ctx = (int)context_lens[b];                                                     \
+      float *scores = aligned_alloc(64, sizeof(float) * G * (max_context + 16));                  \
+      _Pragma("omp for schedule(dynamic, 1)") for (int task = 0; task < num_seqs * num_kv_heads;  \
+                                                   task++) {                                      \
+        const int b = task / num_kv_heads, g = task % num_kv_heads, ctx = (int)context_lens[b];  \
+        T *o = out + (int64_t)b * num_heads * head_dim + g * G * head_dim;                        \
+        const T *qg = q + b * q_stride + g * G * head_dim;                                        \
+        const T *kc = k_cache + g * head_dim, *vc = v_cache + g * head_dim;                       \
         const int64_t *table = block_tables + (int64_t)b * max_blocks;                            \
-        for (int i = 0; i < row; i++) qf[i] = ld_##S(q + b * q_stride + i);                       \
-        for (int t = 0; t < ctx; t++) {                                                           \
-          const T *k = k_cache + token_row(table, t, block_size, token_stride);                   \
-          for (int g = 0; g < num_kv_heads; g++) { /* widened once for the group's heads */       \
-            for (int i = 0; i < head_dim; i++) kv[i] = ld_##S(k + g * head_dim + i);              \
-            for (int h = g * group; h < (g + 1) * group; h++) {                                   \
-              const float *qh = qf + h * head_dim;                                                \
-              float s = 0.f;                                                                      \
-              _Pragma("omp simd reduction(+ : s)") for (int i = 0; i < head_dim; i++) s +=        \
-                  qh[i] * kv[i];                                                                  \
-              scores[h * ctx + t] = s * scale;                                                    \
-            }                                                                                     \
-          }                                                                                       \
-        }                                                                                         \
-        for (int h = 0; h < num_heads; h++) softmax(scores + h * ctx, ctx);                       \
-        memset(acc, 0, sizeof(float) * row);                                                      \
-        for (int t = 0; t < ctx; t++) {                                                           \
-          const T *v = v_cache + token_row(table, t, block_size, token_stride);                   \
-          for (int g = 0; g < num_kv_heads; g++) {                                                \
-            for (int i = 0; i < head_dim; i++) kv[i] = ld_##S(v + g * head_dim + i);              \
-            for (int h = g * group; h < (g + 1) * group; h++) {                                   \
-              const float p = scores[h * ctx + t];                                                \
-              float *a = acc + h * head_dim;                                                      \
-              _Pragma("omp simd") for (int i = 0; i < head_dim; i++) a[i] += p * kv[i];           \
-            }                                                                                     \
-          }                                                                                       \
-        }                                                                                         \
-        for (int i = 0; i < row; i++) out[(int64_t)b * row + i] = st_##S(acc[i]);                 \
+        if (G == 3 && head_dim == 64) /* SmolLM2's: the unrolled copy */                          \
+          attend_##S(o, qg, kc, vc, table, ctx, shift, token_stride, 3, 64 / LANES, LANES, scale, \
+                     scores);                                                                     \
+        else                                                                                      \
+          attend_##S(o, qg, kc, vc, table, ctx, shift, token_stride, G, NC, tail, scale, scores); \
       }                                                                                           \
       free(scores);                                                                               \
-      free(acc);                                                                                  \
-      free(qf);                                                                                   \
-      free(kv);                                                                                   \
     }                                                                                             \
   }                                                                                               \
                                                                                                   \

@@ -94,10 +94,14 @@ def test_add_rms_norm_matches_the_torch_path(
 
 
 def _decode_attention(
-    dtype: torch.dtype, context_lens: list[int], num_blocks: int = 256
+    dtype: torch.dtype,
+    context_lens: list[int],
+    num_blocks: int = 256,
+    shape: tuple[int, int, int] = (9, 3, 64),
 ) -> tuple[PagedAttention, AttentionMetadata, torch.Tensor]:
-    """A PagedAttention with random caches and random block tables, and its decode metadata."""
-    heads, kv_heads, d, bs = 9, 3, 64, 16
+    """A PagedAttention with random caches and random block tables, and its decode metadata;
+    shape: heads, KV heads, head_dim."""
+    (heads, kv_heads, d), bs = shape, 16
     gen = torch.Generator().manual_seed(1)
     attn = PagedAttention(heads, kv_heads, d, ForwardContext())  # decodes only: no new K/V
     attn.k_cache = torch.randn(num_blocks, bs, kv_heads, d, generator=gen).to(dtype)
@@ -125,11 +129,14 @@ def _run_decode(attn: PagedAttention, md: AttentionMetadata, q: torch.Tensor) ->
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(9, 3, 64), (8, 2, 128), (12, 4, 80), (5, 5, 36)])
 def test_paged_decode_attention_matches_sdpa_over_gathered_blocks(
-    dtype: torch.dtype, torch_paths
+    dtype: torch.dtype, shape: tuple[int, int, int], torch_paths
 ) -> None:
+    """SmolLM2's heads (the kernel's unrolled copy) and others: wider groups, head_dims that are
+    not a whole number of vectors, no grouping"""
     lens = [1, 15, 16, 17, 100, 250, 33, 64]  # ragged, on and off block edges
-    attn, md, q = _decode_attention(dtype, lens)
+    attn, md, q = _decode_attention(dtype, lens, shape=shape)
     want = torch_paths(lambda: _run_decode(attn, md, q))
     got = _run_decode(attn, md, q)
     tol = 2e-6 if dtype == torch.float32 else 1e-2
