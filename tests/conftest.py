@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,15 +34,35 @@ CHAT_PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _kernel_setting_per_test() -> Iterator[None]:
+    """LLMCLUSTER_CPU_KERNELS is read once per process: each test starts from the environment's
+    (torn down after monkeypatch has restored it)."""
+    cpu_kernels.setting.cache_clear()
+    yield
+    cpu_kernels.setting.cache_clear()
+
+
+@pytest.fixture
+def use_kernels(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Sets LLMCLUSTER_CPU_KERNELS for the rest of the test."""
+
+    def use(choice: str) -> None:
+        monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", choice)
+        cpu_kernels.setting.cache_clear()
+
+    return use
+
+
 @pytest.fixture(params=["amx", "avx512", "avx2"])
-def kernel_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def kernel_isa(request: pytest.FixtureRequest, use_kernels: Callable[[str], None]) -> str:
     """Each CPU kernel set in turn, where this CPU has it: the AVX2 one runs on AVX512 CPUs too."""
     isa = request.param
     if isa not in cpu_kernels.supported_isas():
         pytest.skip(f"this CPU lacks the {isa} instruction set")
     if cpu_kernels.library(isa) is None:
         pytest.skip("no C compiler")
-    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", isa)
+    use_kernels(isa)
     return isa
 
 

@@ -159,7 +159,7 @@ def test_paged_decode_attention_rows_do_not_depend_on_the_batch() -> None:
 
 
 def test_the_build_is_cached_and_can_be_capped_or_switched_off(
-    kernel_isa: str, monkeypatch: pytest.MonkeyPatch
+    kernel_isa: str, use_kernels: Callable[[str], None]
 ) -> None:
     flags = cpu_kernels.FLAGS + cpu_kernels.ISAS[kernel_isa][0]
     built = cpu_kernels._build(cpu_kernels._compiler(), flags)
@@ -168,17 +168,17 @@ def test_the_build_is_cached_and_can_be_capped_or_switched_off(
     assert built.stat().st_mtime_ns == mtime  # found, not rebuilt
     assert cpu_kernels.isa() == kernel_isa
     assert cpu_kernels.linear_enabled(torch.device("cpu"), torch.bfloat16)
-    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", "1")
+    use_kernels("1")
     assert cpu_kernels.isa() == cpu_kernels.supported_isas()[0]  # the best the CPU has
-    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", "sse9")
+    use_kernels("sse9")
     with pytest.raises(ValueError, match="LLMCLUSTER_CPU_KERNELS"):
         cpu_kernels.isa()
-    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", "0")
+    use_kernels("0")
     assert not cpu_kernels.enabled(torch.device("cpu"), torch.float32)
-    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", "baseline")  # norms and attention, no linears
+    use_kernels("baseline")  # norms and attention, no linears
     assert cpu_kernels.enabled(torch.device("cpu"), torch.float32)
     assert not cpu_kernels.linear_enabled(torch.device("cpu"), torch.float32)
-    monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", kernel_isa)
+    use_kernels(kernel_isa)
     assert not cpu_kernels.enabled(torch.device("cpu"), torch.float16)
     assert not cpu_kernels.enabled(torch.device("cuda"), torch.float32)
 

@@ -5,6 +5,8 @@ over the parity prompts (the figures are in the README)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -53,14 +55,14 @@ def test_product_of_rounded_activations_and_rows_independent(
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_same_bits_on_every_instruction_set(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_same_bits_on_every_instruction_set(kind: str, use_kernels: Callable[[str], None]) -> None:
     isas = [s for s in cpu_kernels.supported_isas() if s != "baseline"]
     if len(isas) < 2 or cpu_kernels.library(isas[0]) is None:
         pytest.skip("one instruction set (or none) with the kernels on this CPU")
     packed, x = to_w4a8(gguf_weight(kind)), torch.randn(9, 256)
     results = []
     for isa in isas:
-        monkeypatch.setenv("LLMCLUSTER_CPU_KERNELS", isa)
+        use_kernels(isa)
         results.append(cpu_kernels.linear(x, packed, None))
     assert all(torch.equal(r, results[0]) for r in results)
 
