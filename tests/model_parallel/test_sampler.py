@@ -28,6 +28,14 @@ def sample(logits: torch.Tensor, batch: list[Sequence]) -> list[int]:
     ).token_ids
 
 
+def test_greedy_takes_the_first_of_tied_maxima_as_argmax_does() -> None:
+    logits = torch.tensor([[1.0, 3, 3, 0, 3, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]])
+    nan = torch.full((1, V), float("nan"))
+    logits = torch.cat([logits, nan, torch.full((1, V), float("-inf"))])
+    greedy = [SamplingParams(temperature=0)] * 4
+    assert sample(logits, seqs(*greedy)) == logits.argmax(-1).tolist() == [1, 0, 0, 0]
+
+
 def test_greedy_and_logit_bias_force_and_ban() -> None:
     logits = torch.arange(V, dtype=torch.float32).repeat(3, 1)
     batch = seqs(
