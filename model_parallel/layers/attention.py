@@ -27,13 +27,14 @@ class PagedAttention(nn.Module):
         """q: [T, heads, head_dim], k/v: [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
         md = self.ctx.metadata
         kv_heads, d = self.num_kv_heads, self.head_dim
-        self.k_cache.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, k)
-        self.v_cache.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, v)
         out = torch.empty(q.shape[0], self.num_heads * d, dtype=q.dtype, device=q.device)
         nd = md.num_decode_tokens
         if cpu_kernels.enabled(q.device, q.dtype):
+            cpu_kernels.write_kv(self.k_cache, self.v_cache, k, v, md.slot_mapping)
             self._by_rows(out, q, md)
             return out
+        self.k_cache.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, k)
+        self.v_cache.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, v)
         if nd:
             out[:nd] = self._decode(q[:nd], md.decode_block_tables, md.decode_mask)
         for chunk in md.prefills:

@@ -57,6 +57,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "decode_attention": [_P, _P, ctypes.c_int64] + [_P] * 4 + [_I] * 6 + [_F, _I],
     "rotary": [_P, ctypes.c_int64, _I, _I, _I, _P, _P, _P, _I],
+    "write_kv": [_P] * 4 + [ctypes.c_int64, _P, _I, _I],
     "add_rms_norm": [_P] * 4 + [_I, _I, _F, _I],
 }
 _LINEARS = {  # built only where the set has AVX2 and FMA
@@ -200,6 +201,32 @@ def decode_attention(
         k_cache.shape[1],
         d**-0.5,
         torch.get_num_threads(),
+    )
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """k, v [T, kv_heads, d] (heads and elements contiguous, rows equally apart: views into the
+    QKV output) into caches [blocks, block_size, kv_heads, d] at the flat slots [T] (int64, each
+    below blocks * block_size: the block manager's)."""
+    t, kv_heads, d = k.shape
+    assert k.stride()[1:] == v.stride()[1:] == (d, 1) and k.stride(0) == v.stride(0)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous()
+    assert k_cache.dtype == v_cache.dtype == k.dtype == v.dtype
+    _kernel("write_kv", k.dtype)(
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        k.stride(0),
+        slot_mapping.data_ptr(),
+        t,
+        kv_heads * d,
     )
 
 

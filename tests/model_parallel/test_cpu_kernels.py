@@ -143,6 +143,23 @@ def test_paged_decode_attention_matches_sdpa_over_gathered_blocks(
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_new_keys_and_values_land_in_their_slots_as_index_copy_puts_them(
+    dtype: torch.dtype,
+) -> None:
+    attn, _, _ = _decode_attention(dtype, [1], num_blocks=8)
+    kv_heads, d = attn.num_kv_heads, attn.head_dim
+    qkv = torch.randn(5, (9 + 2 * kv_heads) * d).to(dtype)  # k and v as views, as in the model
+    k = qkv[:, 9 * d : (9 + kv_heads) * d].view(5, kv_heads, d)
+    v = qkv[:, (9 + kv_heads) * d :].view(5, kv_heads, d)
+    slots = torch.tensor([17, 3, 127, 64, 0])
+    want_k, want_v = attn.k_cache.clone(), attn.v_cache.clone()
+    want_k.view(-1, kv_heads, d).index_copy_(0, slots, k)
+    want_v.view(-1, kv_heads, d).index_copy_(0, slots, v)
+    cpu_kernels.write_kv(attn.k_cache, attn.v_cache, k, v, slots)
+    assert torch.equal(attn.k_cache, want_k) and torch.equal(attn.v_cache, want_v)
+
+
 def test_paged_decode_attention_rows_do_not_depend_on_the_batch() -> None:
     lens = [40, 200, 7, 129]
     attn, md, q = _decode_attention(torch.float32, lens)
