@@ -138,30 +138,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from openai import AsyncOpenAI
     from tqdm import tqdm
 
-    client = AsyncOpenAI(
+    # closed inside the loop: left to the garbage collector, its close ran on a closed loop
+    async with AsyncOpenAI(
         base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=args.timeout
-    )
-    model = args.model or (await client.models.list()).data[0].id
-    samples = load_samples(args)
-    limit = asyncio.Semaphore(args.concurrency or len(samples))
-    rng = random.Random(args.seed)
-    bar = tqdm(total=len(samples), desc="requests", disable=args.no_progress)
+    ) as client:
+        model = args.model or (await client.models.list()).data[0].id
+        samples = load_samples(args)
+        limit = asyncio.Semaphore(args.concurrency or len(samples))
+        rng = random.Random(args.seed)
+        bar = tqdm(total=len(samples), desc="requests", disable=args.no_progress)
 
-    async def one(sample: Sample) -> RequestResult:
-        async with limit:
-            r = await send(client, model, sample, args.max_tokens)
-            bar.update()
-            return r
+        async def one(sample: Sample) -> RequestResult:
+            async with limit:
+                r = await send(client, model, sample, args.max_tokens)
+                bar.update()
+                return r
 
-    start = time.perf_counter()
-    tasks = []
-    for sample in samples:
-        tasks.append(asyncio.create_task(one(sample)))
-        if args.request_rate:
-            await asyncio.sleep(rng.expovariate(args.request_rate))
-    results = await asyncio.gather(*tasks)
-    duration = time.perf_counter() - start
-    bar.close()
+        start = time.perf_counter()
+        tasks = []
+        for sample in samples:
+            tasks.append(asyncio.create_task(one(sample)))
+            if args.request_rate:
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        bar.close()
     ok = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in ok)
     return {
