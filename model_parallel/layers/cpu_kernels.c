@@ -235,7 +235,9 @@ static inline void prefetch_row(const void *row, int bytes) {
     for (int b = 0; b < num_seqs; b++)                                                            \
       if (context_lens[b] > max_context) max_context = (int)context_lens[b];                      \
     _Pragma("omp parallel num_threads(num_threads)") {                                            \
-      float *scores = aligned_alloc(64, sizeof(float) * G * (max_context + 16));                  \
+      /* each head's scores padded to whole vectors, in whole 64-byte lines as C11 asks */        \
+      const size_t padded = (size_t)(max_context + 15) / 16 * 16;                                 \
+      float *scores = aligned_alloc(64, sizeof(float) * G * padded);                              \
       _Pragma("omp for schedule(dynamic, 1)") for (int task = 0; task < num_seqs * num_kv_heads;  \
                                                    task++) {                                      \
         const int b = task / num_kv_heads, g = task % num_kv_heads, ctx = (int)context_lens[b];  \
