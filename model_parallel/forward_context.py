@@ -22,6 +22,13 @@ class PrefillChunk(NamedTuple):
     )  # [num_tokens, context_len] causal mask with offset, or None for a fresh prompt
 
 
+class KernelRows(NamedTuple):
+    start: int
+    rows: int
+    block_tables: torch.Tensor  # [rows, W] int64
+    context_lens: torch.Tensor  # [rows] int64
+
+
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat KV slot each new token is written to
@@ -31,6 +38,24 @@ class AttentionMetadata:
     # [B_d, 1, 1, max_blocks * block_size]: 0 or -inf; None where the CPU kernel attends instead
     decode_mask: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Where the CPU kernel attends: (first row, rows, block tables [rows, W], context lens [rows])
+    # per group: the decodes, then each prefill chunk's tokens as rows ending at themselves.
+    kernel_rows: list[KernelRows] = field(default_factory=list)
+
+
+def kernel_rows(md: AttentionMetadata, device: torch.device) -> list[KernelRows]:
+    """md's rows grouped for the CPU attention kernel, once a step (every layer reads them)."""
+    groups = []
+    if md.num_decode_tokens:
+        groups.append(
+            KernelRows(0, md.num_decode_tokens, md.decode_block_tables, md.decode_context_lens)
+        )
+    for chunk in md.prefills:
+        first = chunk.context_len - chunk.num_tokens + 1
+        lens = torch.arange(first, chunk.context_len + 1, device=device)
+        tables = chunk.block_table.expand(chunk.num_tokens, -1).contiguous()
+        groups.append(KernelRows(chunk.start, chunk.num_tokens, tables, lens))
+    return groups
 
 
 def decode_mask(positions: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:

@@ -24,10 +24,12 @@ from model_parallel.forward_context import (
     ForwardContext,
     PrefillChunk,
     decode_mask,
+    kernel_rows,
 )
 from model_parallel.layers import cpu_kernels
 from model_parallel.layers.w4a8 import W4A8
 from model_parallel.loader import load_weights
+from model_parallel.models.cpu_forward import CpuForward
 from model_parallel.models.llama import LlamaForCausalLM
 from model_parallel.scheduler import ScheduledSequence
 from model_parallel.step_inputs import CMD_STOP, HEADER_SIZE, StepInputs
@@ -78,6 +80,7 @@ class ModelRunner:
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.attn.v_cache = self.kv_cache[1, i]
+        self.cpu_forward = CpuForward.build(self.model, tp, self.block_size)
         logger.info(
             "rank %d: KV cache of %d blocks x %d tokens = %d tokens; CPU kernels %s",
             tp.rank,
@@ -143,6 +146,8 @@ class ModelRunner:
                 q_pos = torch.arange(ctx - n, ctx, device=self.device)
                 mask = torch.arange(ctx, device=self.device)[None, :] <= q_pos[:, None]
             md.prefills.append(PrefillChunk(start, n, ctx, table, mask))
+        if kernels:
+            md.kernel_rows = kernel_rows(md, self.device)
         return md
 
     def execute(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
@@ -175,6 +180,10 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Every rank: the step's forward pass -> logits [B, V] for the sampled rows."""
-        with self.ctx.bind(self.metadata(inputs)):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        md = self.metadata(inputs)
+        if self.cpu_forward is not None:
+            hidden = self.cpu_forward(inputs.input_ids, inputs.positions, md)
+        else:
+            with self.ctx.bind(md):
+                hidden = self.model(inputs.input_ids, inputs.positions)
         return self.model.compute_logits(hidden[inputs.sample_rows])

@@ -45,17 +45,9 @@ class PagedAttention(nn.Module):
     def _by_rows(self, out: torch.Tensor, q: torch.Tensor, md: AttentionMetadata) -> None:
         """The CPU kernel over every query row, reading the blocks in place: decodes in one call,
         each prefill chunk's tokens as rows of their own with contexts ending at themselves."""
-        nd = md.num_decode_tokens
-        caches = self.k_cache, self.v_cache
-        if nd:
-            tables, lens = md.decode_block_tables, md.decode_context_lens
-            cpu_kernels.decode_attention(out[:nd], q[:nd], *caches, tables, lens)
-        for chunk in md.prefills:
-            s = slice(chunk.start, chunk.start + chunk.num_tokens)
-            first = chunk.context_len - chunk.num_tokens + 1
-            lens = torch.arange(first, chunk.context_len + 1, device=q.device)
-            tables = chunk.block_table.expand(chunk.num_tokens, -1).contiguous()
-            cpu_kernels.decode_attention(out[s], q[s], *caches, tables, lens)
+        for start, rows, tables, lens in md.kernel_rows:
+            s = slice(start, start + rows)
+            cpu_kernels.decode_attention(out[s], q[s], self.k_cache, self.v_cache, tables, lens)
 
     def _decode(
         self, q: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor

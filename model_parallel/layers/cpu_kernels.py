@@ -35,7 +35,8 @@ from model_parallel.loader import default_cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_suffix(".c")] + [
-    Path(__file__).with_name(f"{name}.c") for name in ("cpu_linear", "amx_linear", "w4a8")
+    Path(__file__).with_name(f"{name}.c")
+    for name in ("cpu_linear", "amx_linear", "w4a8", "cpu_model")
 ]
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 _AVX512 = (
@@ -59,12 +60,19 @@ _SIGNATURES = {
     "rotary": [_P, ctypes.c_int64, _I, _I, _I, _P, _P, _P, _I],
     "write_kv": [_P] * 4 + [ctypes.c_int64, _P, _I, _I],
     "add_rms_norm": [_P] * 4 + [_I, _I, _F, _I],
+    "silu_and_mul": [_P, _P, _I, _I, _I],
 }
 _LINEARS = {  # built only where the set has AVX2 and FMA
     "block_quant_linear_f32": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
     "panel_linear_f32": [_P, _P, _I, _I, _P, _I, _P, _I],
     "panel_linear_bf16": [_P, _P, _I, _I, _P, _I, _P, _I],
     "w4a8_linear_f32": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
+    # the decoder stack (cpu_model.c): model, x, residual, tokens, positions, slots, attention
+    # row groups and their number, four scratch buffers, threads
+    **{
+        f"llama_forward_{s}": [_P] * 3 + [_I] + [_P] * 3 + [_I] + [_P] * 4 + [_I]
+        for s in _SUFFIX.values()
+    },
 }
 
 
@@ -168,7 +176,8 @@ def linear_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return enabled(device, dtype) and hasattr(_library(), "panel_linear_f32")
 
 
-def _kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+def kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+    """The library in use's `name` kernel for dtype (cpu_model.c's llama_forward too)."""
     return getattr(_library(), f"{name}_{_SUFFIX[dtype]}")
 
 
@@ -185,7 +194,7 @@ def decode_attention(
     b, heads, d = q.shape
     assert out.is_contiguous() and q.stride(2) == 1 and q.stride(1) == d
     assert k_cache.dtype == v_cache.dtype == out.dtype == q.dtype
-    _kernel("decode_attention", q.dtype)(
+    kernel("decode_attention", q.dtype)(
         out.data_ptr(),
         q.data_ptr(),
         q.stride(0),
@@ -218,7 +227,7 @@ def write_kv(
     assert k.stride()[1:] == v.stride()[1:] == (d, 1) and k.stride(0) == v.stride(0)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous()
     assert k_cache.dtype == v_cache.dtype == k.dtype == v.dtype
-    _kernel("write_kv", k.dtype)(
+    kernel("write_kv", k.dtype)(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         k.data_ptr(),
@@ -237,7 +246,7 @@ def rotary_(
     QKV output is fine); cos/sin: [max_positions, d]."""
     t, heads, d = x.shape
     assert x.stride(2) == 1 and x.stride(1) == d and cos.dtype == sin.dtype == x.dtype
-    _kernel("rotary", x.dtype)(
+    kernel("rotary", x.dtype)(
         x.data_ptr(),
         x.stride(0),
         t,
@@ -260,7 +269,7 @@ def add_rms_norm(
     assert x.is_contiguous() and (residual is None or residual.is_contiguous())
     assert weight.dtype == x.dtype
     out = x if residual is not None else torch.empty_like(x)
-    _kernel("add_rms_norm", x.dtype)(
+    kernel("add_rms_norm", x.dtype)(
         out.data_ptr(),
         x.data_ptr(),
         None if residual is None else residual.data_ptr(),
@@ -270,6 +279,15 @@ def add_rms_norm(
         eps,
         torch.get_num_threads(),
     )
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: contiguous [T, 2 n] -> silu(x[:, :n]) * x[:, n:], [T, n]."""
+    t, n = x.shape[0], x.shape[1] // 2
+    assert x.is_contiguous()
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    kernel("silu_and_mul", x.dtype)(out.data_ptr(), x.data_ptr(), t, n, torch.get_num_threads())
     return out
 
 
@@ -285,11 +303,11 @@ def linear(
     m, k, n = rows.shape[0], weight.in_features, weight.out_features
     if isinstance(weight, W4A8 | BlockQuantized):  # same arguments: fp32 x, blocks of `bits`
         assert x.dtype == torch.float32
-        kernel = lib.w4a8_linear_f32 if isinstance(weight, W4A8) else lib.block_quant_linear_f32
+        fn = lib.w4a8_linear_f32 if isinstance(weight, W4A8) else lib.block_quant_linear_f32
         w, extra = weight.blocks.data_ptr(), (weight.bits,)
     else:
         assert x.dtype == weight.data.dtype
-        kernel = lib.panel_linear_f32 if x.dtype == torch.float32 else lib.panel_linear_bf16
+        fn = lib.panel_linear_f32 if x.dtype == torch.float32 else lib.panel_linear_bf16
         w, extra = weight.data.data_ptr(), ()
-    kernel(y.data_ptr(), rows.data_ptr(), m, k, w, n, *extra, bias_ptr, torch.get_num_threads())
+    fn(y.data_ptr(), rows.data_ptr(), m, k, w, n, *extra, bias_ptr, torch.get_num_threads())
     return y.view(*x.shape[:-1], n)

@@ -16,10 +16,11 @@ from model_parallel.forward_context import (
     ForwardContext,
     PrefillChunk,
     decode_mask,
+    kernel_rows,
 )
 from model_parallel.layers import cpu_kernels
 from model_parallel.layers.attention import PagedAttention
-from model_parallel.layers.norm import RMSNorm
+from model_parallel.layers.norm import RMSNorm, silu_and_mul
 from model_parallel.layers.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.usefixtures("kernel_isa")
@@ -93,6 +94,23 @@ def test_add_rms_norm_matches_the_torch_path(
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torch_and_rows_are_independent(
+    dtype: torch.dtype, torch_paths
+) -> None:
+    """SwiGLU over 40 rows (the kernel's threaded branch) of 1,541 features (not whole vectors),
+    with values to +-100 (where exp would overflow as e^-x): torch's two roundings, its exp within
+    an ulp; a row alone gives the bits it gets among the others."""
+    torch.manual_seed(0)
+    x = (torch.randn(40, 2 * 1541) * torch.tensor([1.0, 30.0]).repeat_interleave(1541)).to(dtype)
+    x[0, :4] = torch.tensor([100.0, -100.0, 0.0, -0.0])
+    want = torch_paths(lambda: silu_and_mul(x))
+    got = silu_and_mul(x)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert all(torch.equal(silu_and_mul(x[i : i + 1]), got[i : i + 1]) for i in (0, 17, 39))
+
+
 def _decode_attention(
     dtype: torch.dtype,
     context_lens: list[int],
@@ -124,6 +142,7 @@ def _decode_attention(
 
 def _run_decode(attn: PagedAttention, md: AttentionMetadata, q: torch.Tensor) -> torch.Tensor:
     no_new_kv = torch.empty(0, attn.num_kv_heads, attn.head_dim, dtype=q.dtype)
+    md.kernel_rows = kernel_rows(md, q.device)  # what the model runner adds
     with attn.ctx.bind(md):
         return attn(q, no_new_kv, no_new_kv)
 
@@ -222,6 +241,7 @@ def test_prefill_chunks_attend_row_by_row_as_decodes_do(dtype: torch.dtype, torc
         )
 
     def run(md: AttentionMetadata) -> torch.Tensor:
+        md.kernel_rows = kernel_rows(md, q.device)
         with attn.ctx.bind(md):
             return attn(q, k, v)
 
