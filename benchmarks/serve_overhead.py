@@ -3,7 +3,7 @@ then `llmcluster serve` in each Serve mode asked for (its environment variables)
 `llmcluster bench` at the same concurrencies, with the CPU-seconds every Ray process spent per
 1,000 streamed tokens, by process.
 
-    .venv/bin/python benchmarks/serve_overhead.py --modes default haproxy --concurrency 1 32
+    .venv/bin/python benchmarks/serve_overhead.py --modes default python-proxy --concurrency 1 32
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ from serve_vs_llamacpp import (  # noqa: E402
     running,
 )
 
-_HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+_NO_HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+_THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 MODES: dict[str, tuple[dict[str, str], list[str]]] = {  # environment, `llmcluster serve` flags
-    "default": ({}, []),  # what `llmcluster serve` sets (cluster.launch.SERVE_ENV)
+    "default": ({}, []),  # what `llmcluster serve` sets (cluster.launch.SERVE_ENV): HAProxy
     "ingress": ({}, ["--no-direct-streaming"]),  # the separate ingress deployment
-    "no-grpc": ({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}, []),
-    "throughput": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, []),
-    "haproxy": (_HAPROXY, []),
-    "haproxy+throughput": (_HAPROXY | {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, []),
+    "python-proxy": (_NO_HAPROXY, []),  # Serve's own proxy, over gRPC
+    "no-grpc": (_NO_HAPROXY | {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}, []),
+    "throughput": (_THROUGHPUT, []),
+    # No proxy at all: the replica's own HTTP server (one ingress replica a node)
+    "direct-ingress": (_NO_HAPROXY | {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}, []),
     "omp-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
 }
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -110,7 +112,7 @@ def row(name: str, c: int, r: dict, engine: dict | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", nargs="+", default=["default", "haproxy"], choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=["default", "python-proxy"], choices=MODES)
     add_serve_arguments(ap)
     args = ap.parse_args()
     args.logs.mkdir(exist_ok=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cluster import bench
+from cluster.launch import free_port
 from model_parallel.loader import builtin_gguf
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

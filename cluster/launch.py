@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -15,11 +16,22 @@ logger = logging.getLogger(__name__)
 
 # Serve settings for every process of a cluster: Serve reads them at import, so they belong in the
 # environment of `ray start` (cluster/ray/*.yaml) or of the driver that starts a local instance.
-# gRPC between the proxy, the ingress and LLMServer (one piece of Serve's throughput-optimized
-# mode; its direct ingress needs HAProxy): half the Serve CPU per streamed token, measured. The
-# controller's loop every 0.5 s instead of 0.1: it and the GCS it polls took ~1 ms of CPU per
-# streamed token at one stream on two cores (0.72 + 0.43 -> 0.26 + 0.17 CPU-s per 1,000).
-SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+# HAProxy in front, routing straight to the ingress (or direct-streaming) replica's own HTTP server:
+# no Python proxy on the data path (measured on the Zen 3, one model replica: 72.2 -> 85.0 tok/s at
+# 1 stream, 259.2 -> 305.9 at 32, 0.83x -> 0.98x the engine alone). gRPC between the ingress and
+# LLMServer (one piece of Serve's throughput-optimized mode): half the Serve CPU per streamed token,
+# measured. The controller's loop every 0.5 s instead of 0.1: it and the GCS it polls took ~1 ms of
+# CPU per streamed token at one stream on two cores (0.72 + 0.43 -> 0.26 + 0.17 CPU-s per 1,000).
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+
+
+# HAProxy's own listeners (Prometheus 9101, stats 8404 by default): on a node of a cluster the
+# defaults; a local instance takes free ports, so two of them can run on one machine.
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
 def apply_serve_env() -> None:
@@ -27,6 +39,14 @@ def apply_serve_env() -> None:
     in the environment wins."""
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
+    for key in HAPROXY_PORTS:
+        os.environ.setdefault(key, str(free_port()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

@@ -40,3 +40,15 @@ def test_ray_starts_with_token_auth_serve_env_and_a_loopback_dashboard(path: Pat
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.name for p in SERVE_CONFIGS])
 def test_serve_configs_listen_on_loopback(path: Path) -> None:
     assert yaml.safe_load(path.read_text())["http_options"]["host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.name for p in SERVE_CONFIGS])
+def test_ingress_replicas_sit_beside_the_head_nodes_haproxy(path: Path) -> None:
+    """HAProxy connects to an ingress replica on the port it binds on the loopback (host above):
+    an app that is not one replica on this machine pins its ingress to the head node."""
+    from serving.config import config_from_dict
+
+    for app in yaml.safe_load(path.read_text())["applications"]:
+        config = config_from_dict(app["args"])
+        if not config.serves_directly:
+            assert (config.ingress_resources or {}).get("node:__internal_head__", 0) > 0

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from cluster.launch import wait_healthy
-from tests.e2e.conftest import free_port
+from cluster.launch import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 

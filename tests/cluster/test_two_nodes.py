@@ -18,10 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.launch import SERVE_ENV
+from cluster.launch import SERVE_ENV, free_port
 from model_parallel.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from serving.config import AppConfig, ModelDeployment
-from tests.e2e.conftest import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -4,23 +4,17 @@ ingress without a key ("/open", greedy by default) shares the same LLMServer."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 from collections.abc import Iterator
 
 import pytest
 
+from cluster.launch import free_port
 from model_parallel.config import CacheConfig, EngineConfig, SchedulerConfig
 from model_parallel.loader import DEFAULT_MODEL
 from serving.config import AppConfig, ModelDeployment, ServerSettings
 
 API_KEY = "test-key-123"
 MODEL = "smollm2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="package")
