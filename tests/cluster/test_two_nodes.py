@@ -108,11 +108,11 @@ def replicas(app: str) -> dict[str, tuple[str, int]]:
     found = {}
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == "serve" and f"{app}#{DEPLOYMENT}#" in a["name"]:
-            actor = ray.get_actor(a["name"], namespace="serve")
             try:
+                actor = ray.get_actor(a["name"], namespace="serve")
                 found[a["name"]] = ray.get(actor.__ray_call__.remote(where), timeout=10)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass  # leaving or gone
+            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # leaving or gone: listed, then dead before the lookup (ValueError)
     return found
 
 

