@@ -67,6 +67,24 @@ static inline vf vload_bf16(const uint16_t *p, int n) {
 
 static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
+/* rnd_bf16 and the stores of n <= LANES elements, a vector at a time */
+static inline vf vrnd_f32(vf v) { return v; }
+static inline vf vrnd_bf16(vf v) {
+  const vu u = (vu)v;
+  return vsel(v != v, (vf)((vu){0} + 0x7FC00000u), (vf)((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u));
+}
+static inline void vstore_f32(float *p, vf v, int n) {
+  if (n == LANES) *(vf_unaligned *)p = v;
+  else
+    for (int i = 0; i < n; i++) p[i] = v[i];
+}
+static inline void vstore_bf16(uint16_t *p, vf v, int n) {
+  const vh h = __builtin_convertvector((vu)vrnd_bf16(v) >> 16, vh);
+  if (n == LANES) *(vh_unaligned *)p = h;
+  else
+    for (int i = 0; i < n; i++) p[i] = h[i];
+}
+
 static inline vi lane_index(void) {
   vi v;
   for (int i = 0; i < LANES; i++) v[i] = i;
@@ -326,8 +344,8 @@ static inline void prefetch_row(const void *row, int bytes) {
         const int w = n - i < LANES ? n - i : LANES;                                              \
         const vf a = vload_##S(g + i, w);                                                         \
         const vf e = vexp_nonpositive((vf)((vi)a | INT32_MIN)); /* -|g| */                       \
-        const vf s = vsel(a >= 0.f, a / (1.f + e), a * e / (1.f + e));                            \
-        for (int j = 0; j < w; j++) o[i + j] = st_##S(rnd_##S(s[j]) * ld_##S(u + i + j));         \
+        const vf s = vsel(a >= 0.f, a, a * e) / (1.f + e); /* a / (1 + e), or a e / (1 + e) */   \
+        vstore_##S(o + i, vrnd_##S(s) * vload_##S(u + i, w), w);                                  \
       }                                                                                           \
     }                                                                                             \
   }
