@@ -85,13 +85,16 @@ def load_samples(args: argparse.Namespace) -> list[Sample]:
     return [Sample(messages=[{"role": "user", "content": t}]) for t in texts]
 
 
-async def send(client: Any, model: str, sample: Sample, max_tokens: int) -> RequestResult:
+async def send(
+    client: Any, model: str, sample: Sample, max_tokens: int, temperature: float
+) -> RequestResult:
     start = time.perf_counter()
     last = start
     result = RequestResult(ok=False)
     common = {
         "model": model,
         "max_tokens": max_tokens,
+        "temperature": temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
         "extra_body": {"ignore_eos": True},
@@ -150,7 +153,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         async def one(sample: Sample) -> RequestResult:
             async with limit:
-                r = await send(client, model, sample, args.max_tokens)
+                r = await send(client, model, sample, args.max_tokens, args.temperature)
                 bar.update()
                 return r
 
@@ -223,6 +226,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128, help="random dataset: prompt tokens")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="default 0: greedy, as the engine benchmark and vLLM's bench (the API's default, 1, "
+        "samples, and llama-server's sampler chain differs from ours)",
+    )
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight at most")
     p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
     p.add_argument("--seed", type=int, default=0)
