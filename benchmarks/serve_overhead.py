@@ -89,7 +89,8 @@ def engine_alone(concurrency: list[int], num_prompts: int, max_tokens: int) -> d
     from model_parallel.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig())
-    prompts = chat_prompts(engine.tokenizer, num_prompts)
+    # as many as the Serve runs send: fewer prompts than streams would run fewer streams
+    prompts = chat_prompts(engine.tokenizer, max(prompts_for(c, num_prompts) for c in concurrency))
     run_engine(engine, prompts[:4], 4, 8)  # warm-up
     out = {}
     for c in concurrency:
