@@ -52,16 +52,18 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.block_size = config.cache.block_size
         self.ctx = ForwardContext()
+        quantization = config.model.quantization
         with torch.device(device):
             prev = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
+            # w4a8 finds the GGUF's blocks in the fp32 the checkpoint holds, before any cast
+            torch.set_default_dtype(torch.float32 if quantization == "w4a8" else dtype)
             try:
                 self.model = LlamaForCausalLM(arch, max_model_len, tp, self.ctx)
             finally:
                 torch.set_default_dtype(prev)
         load_weights(self.model, Path(path))
         self.model.eval()
-        self._pack(config.model.quantization)
+        self._pack(quantization)
         # Every rank sizes its own pool; all use the smallest, since the block tables are shared.
         local = torch.tensor([self._num_blocks(config)], device=device)
         self.num_blocks = int(tp.all_reduce(local, op=torch.distributed.ReduceOp.MIN).item())
@@ -96,12 +98,18 @@ class ModelRunner:
         error, not a silent no-op."""
         if quantization == "w4a8" and self.device.type != "cpu":  # its dtype: ModelConfig's check
             raise ValueError("--quantization w4a8 runs on CPU")
-        packed = [m.pack(quantization) for m in self.model.modules() if hasattr(m, "pack")]
-        if quantization == "w4a8" and not any(isinstance(p, W4A8) for p in packed):
-            raise ValueError(
-                "--quantization w4a8 needs 4-bit (Q4_1) GGUF weights and the CPU kernels (AVX2); "
-                "this model has none that qualify"
-            )
+        modules = [m for m in self.model.modules() if hasattr(m, "pack")]
+        if quantization == "w4a8":
+            if not any([isinstance(m.pack("w4a8"), W4A8) for m in modules]):  # packs them all
+                raise ValueError(
+                    "--quantization w4a8 needs 4-bit (Q4_1) GGUF weights and the CPU kernels "
+                    "(AVX2); this model has none that qualify"
+                )
+            # the rest (norms, embedding, other linears) in the run's dtype, then packed as such
+            modules = [m for m in modules if not isinstance(m.packed, W4A8)]
+            self.model.to(self.dtype)
+        for m in modules:
+            m.pack()
 
     def _num_blocks(self, config: EngineConfig) -> int:
         cache = config.cache

@@ -67,6 +67,7 @@ _LINEARS = {  # built only where the set has AVX2 and FMA
     "panel_linear_f32": [_P, _P, _I, _I, _P, _I, _P, _I],
     "panel_linear_bf16": [_P, _P, _I, _I, _P, _I, _P, _I],
     "w4a8_linear_f32": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
+    "w4a8_linear_bf16": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
     # the decoder stack (cpu_model.c): model, x, residual, tokens, positions, slots, attention
     # row groups and their number, four scratch buffers, threads
     **{
@@ -295,16 +296,18 @@ def linear(
     x: torch.Tensor, weight: BlockQuantized | Panel | W4A8, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x [..., in] times a prepared weight (plus bias): [..., out], in x's dtype (fp32, or bf16
-    for a bf16 panel)."""
+    for a bf16 panel or w4a8)."""
     rows = x.reshape(-1, weight.in_features).contiguous()
     y = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
     assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype)
     lib, bias_ptr = _library(), None if bias is None else bias.data_ptr()
     m, k, n = rows.shape[0], weight.in_features, weight.out_features
-    if isinstance(weight, W4A8 | BlockQuantized):  # same arguments: fp32 x, blocks of `bits`
-        assert x.dtype == torch.float32
-        fn = lib.w4a8_linear_f32 if isinstance(weight, W4A8) else lib.block_quant_linear_f32
+    if isinstance(weight, W4A8):  # fp32 or bf16 x
+        fn = lib.w4a8_linear_f32 if x.dtype == torch.float32 else lib.w4a8_linear_bf16
         w, extra = weight.blocks.data_ptr(), (weight.bits,)
+    elif isinstance(weight, BlockQuantized):  # the same arguments, fp32 x only
+        assert x.dtype == torch.float32
+        fn, w, extra = lib.block_quant_linear_f32, weight.blocks.data_ptr(), (weight.bits,)
     else:
         assert x.dtype == weight.data.dtype
         fn = lib.panel_linear_f32 if x.dtype == torch.float32 else lib.panel_linear_bf16

@@ -38,6 +38,8 @@ void w4a8_linear_f32(float *, const float *, int, int, const uint8_t *, int, int
 void panel_linear_f32(float *, const float *, int, int, const float *, int, const float *, int);
 void panel_linear_bf16(uint16_t *, const uint16_t *, int, int, const uint32_t *, int,
                        const uint16_t *, int);
+void w4a8_linear_bf16(uint16_t *, const uint16_t *, int, int, const uint8_t *, int, int,
+                      const uint16_t *, int);
 
 static void linear_f32(const Linear *l, float *y, const float *x, int m, int threads) {
   const int k = l->in_features, n = l->out_features;
@@ -48,7 +50,11 @@ static void linear_f32(const Linear *l, float *y, const float *x, int m, int thr
                                                                    l->bias, threads);
 }
 static void linear_bf16(const Linear *l, uint16_t *y, const uint16_t *x, int m, int threads) {
-  panel_linear_bf16(y, x, m, l->in_features, l->weight, l->out_features, l->bias, threads);
+  const int k = l->in_features, n = l->out_features;
+  if (l->kind == W4A8)
+    w4a8_linear_bf16(y, x, m, k, l->weight, n, l->bits, l->bias, threads);
+  else
+    panel_linear_bf16(y, x, m, k, l->weight, n, l->bias, threads);
 }
 
 #define DEFINE_MODEL(S, T)                                                                        \

@@ -29,11 +29,13 @@ def pack_weight(weight: torch.Tensor, quantization: str = "none") -> Packed | No
     quantization, kept as such (a decode step's linears at 32 rows: 56-66 ms instead of oneDNN's
     106-108, 7.4 instead of 35 at one row, on a 2-core AVX2 CPU); else the dense panel form. None
     where the kernels do not run (CUDA, no compiler, float16, odd shapes): F.linear then. With
-    `w4a8`, 4-bit weights take the 8-bit-activation kernel instead (w4a8.py)."""
+    `w4a8`, only the GGUF's blocks, in the 8-bit-activation kernel's form (w4a8.py): the runner
+    packs the rest once they are in the run's dtype."""
     if not cpu_kernels.linear_enabled(weight.device, weight.dtype):
         return None
-    quantized = to_w4a8(weight) if quantization == "w4a8" else None
-    return quantized or block_quantize(weight) or to_panel(weight)
+    if quantization == "w4a8":
+        return to_w4a8(weight)
+    return block_quantize(weight) or to_panel(weight)
 
 
 def linear(

@@ -44,7 +44,7 @@ def test_missing_model_exits_2_with_the_reason() -> None:
     [
         ("--gpu-memory-utilization", "1.5", r"gpu_memory_utilization must be in \(0, 1\], got 1.5"),
         ("--kv-cache-memory-gib", "0", "kv_cache_memory_gib must be > 0, got 0.0"),
-        ("--dtype=bfloat16 --quantization", "w4a8", "w4a8 runs in float32, not dtype bfloat16"),
+        ("--dtype=float16 --quantization", "w4a8", "w4a8 runs in float32 or bfloat16, not float16"),
     ],
 )
 def test_bad_engine_settings_exit_2_naming_the_field(flag: str, value: str, message: str) -> None:

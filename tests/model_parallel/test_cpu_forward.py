@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("kernel_isa")]
 
 
 @pytest.mark.parametrize(
-    "dtype, quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "w4a8")]
+    "dtype, quantization",
+    [("float32", "none"), ("bfloat16", "none"), ("float32", "w4a8"), ("bfloat16", "w4a8")],
 )
 def test_one_call_forward_gives_the_module_forwards_bits(
     make_engine, prompts, dtype: str, quantization: str, monkeypatch: pytest.MonkeyPatch

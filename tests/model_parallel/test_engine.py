@@ -196,14 +196,15 @@ def test_oversized_prompts_are_refused_with_both_numbers(make_engine) -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "quantization"), [("float32", "none"), ("bfloat16", "none"), ("float32", "w4a8")]
+    ("dtype", "quantization"),
+    [("float32", "none"), ("bfloat16", "none"), ("float32", "w4a8"), ("bfloat16", "w4a8")],
 )
 def test_batch_invariance_greedy_alone_vs_full_chunked_batch(
     make_engine, prompts, dtype, quantization
 ) -> None:
-    """In every dtype `auto` picks on CPU (bf16 with AMX, else fp32) and with w4a8: a request's
-    greedy output must not depend on its batch. CPU only: on CUDA, cuBLAS and SDPA pick kernels
-    by shape (README)."""
+    """In every dtype `auto` picks on CPU (bf16 with AVX512-BF16 or AMX, else fp32), and w4a8 in
+    both: a request's greedy output must not depend on its batch. CPU only: on CUDA, cuBLAS and
+    SDPA pick kernels by shape (README)."""
     engine = make_engine(
         dtype=dtype, quantization=quantization, max_num_batched_tokens=64, device="cpu"
     )
