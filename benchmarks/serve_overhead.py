@@ -26,6 +26,8 @@ from serve_vs_llamacpp import (  # noqa: E402
     running,
 )
 
+from model_parallel.config import QUANTIZATIONS  # noqa: E402
+
 _NO_HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
 _THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 MODES: dict[str, tuple[dict[str, str], list[str]]] = {  # environment, `llmcluster serve` flags
@@ -56,8 +58,9 @@ def role(argv: list[str]) -> str | None:
 
 
 def cpu_by_process() -> dict[int, tuple[str, float]]:
-    """Each Serve process's role and its CPU-seconds so far. The engine's own process (see
-    model_parallel.async_engine.ProcessEngine) is the one an LLMServer replica started."""
+    """Each Serve process's role and its CPU-seconds so far, and this process's (the client's).
+    The engine's own process (see model_parallel.async_engine.ProcessEngine) is the one an
+    LLMServer replica started."""
     found, parents = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -74,6 +77,7 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
     for pid, (ppid, seconds) in parents.items():
         if found.get(ppid, ("",))[0] == "LLMServer" and pid not in found:
             found[pid] = ("engine process", seconds)
+    found[os.getpid()] = ("bench client", parents[os.getpid()][1])  # on the same cores
     return found
 
 
@@ -84,11 +88,13 @@ def spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, floa
     return by
 
 
-def engine_alone(concurrency: list[int], num_prompts: int, max_tokens: int) -> dict[int, dict]:
-    from model_parallel.config import EngineConfig
+def engine_alone(
+    concurrency: list[int], num_prompts: int, max_tokens: int, quantization: str
+) -> dict[int, dict]:
+    from model_parallel.config import EngineConfig, ModelConfig
     from model_parallel.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig())
+    engine = LLMEngine(EngineConfig(model=ModelConfig(quantization=quantization)))
     # as many as the Serve runs send: fewer prompts than streams would run fewer streams
     prompts = chat_prompts(engine.tokenizer, max(prompts_for(c, num_prompts) for c in concurrency))
     run_engine(engine, prompts[:4], 4, 8)  # warm-up
@@ -114,17 +120,19 @@ def row(name: str, c: int, r: dict, engine: dict | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", nargs="+", default=["default", "python-proxy"], choices=MODES)
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="both sides'")
     add_serve_arguments(ap)
     args = ap.parse_args()
     args.logs.mkdir(exist_ok=True)
     print(f"{'system':<20} {'conc':>4} {'tok/s':>8} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12}")
-    engine = engine_alone(args.concurrency, args.num_prompts, args.max_tokens)
+    engine = engine_alone(args.concurrency, args.num_prompts, args.max_tokens, args.quantization)
     costs = {}
     for mode in args.modes:
         env, flags = MODES[mode]
         env = {**os.environ, **env}
         port = free_port()
         cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), *flags]
+        cmd += ["--quantization", args.quantization]
         with running(cmd + args.serve_args.split(), port, args.logs / f"{mode}.log", env) as url:
             drive(url, 1, 2, 16)  # warm-up
             for c in args.concurrency:

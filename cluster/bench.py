@@ -9,6 +9,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -85,38 +86,61 @@ def load_samples(args: argparse.Namespace) -> list[Sample]:
     return [Sample(messages=[{"role": "user", "content": t}]) for t in texts]
 
 
+class BenchError(Exception):
+    """A request the server refused or a stream that carried an error."""
+
+
+async def stream_events(session: Any, url: str, body: dict[str, Any]) -> AsyncIterator[dict]:
+    """The JSON events of one SSE response, read as raw lines (as vLLM's bench does): the openai
+    client's per-chunk parsing cost 0.27 CPU-s per 1,000 tokens at 32 streams on a 2-core Zen 4,
+    three times the model replica's own, on the cores the server runs on."""
+    async with session.post(url, json=body) as resp:
+        if resp.status != 200:
+            raise BenchError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise BenchError(str(event["error"])[:200])
+            yield event
+
+
 async def send(
-    client: Any, model: str, sample: Sample, max_tokens: int, temperature: float
+    session: Any, base_url: str, model: str, sample: Sample, max_tokens: int, temperature: float
 ) -> RequestResult:
     start = time.perf_counter()
     last = start
     result = RequestResult(ok=False)
-    common = {
+    body: dict[str, Any] = {
         "model": model,
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "extra_body": {"ignore_eos": True},
+        "ignore_eos": True,
     }
+    if sample.messages is not None:
+        url, body["messages"] = f"{base_url}/chat/completions", sample.messages
+    else:
+        url, body["prompt"] = f"{base_url}/completions", sample.prompt_ids
     try:
-        if sample.messages is not None:
-            stream = await client.chat.completions.create(messages=sample.messages, **common)
-        else:
-            stream = await client.completions.create(prompt=sample.prompt_ids, **common)
-        async for chunk in stream:
+        async for event in stream_events(session, url, body):
             now = time.perf_counter()
-            if chunk.choices:
-                delta = getattr(chunk.choices[0], "delta", None)
-                text = delta.content if delta is not None else chunk.choices[0].text
+            if choices := event.get("choices"):
+                text = choices[0].get("delta", {}).get("content") or choices[0].get("text")
                 if text:
                     if not result.ttft:
                         result.ttft = now - start
                     else:
                         result.itl.append(now - last)
                     last = now
-            if chunk.usage:
-                result.output_tokens = chunk.usage.completion_tokens
+            if usage := event.get("usage"):
+                result.output_tokens = usage["completion_tokens"]
         result.e2e = time.perf_counter() - start
         result.ok = True
     except Exception as e:  # noqa: BLE001 - counted and reported, never fatal to the run
@@ -138,14 +162,22 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from openai import AsyncOpenAI
+    import aiohttp
     from tqdm import tqdm
 
-    # closed inside the loop: left to the garbage collector, its close ran on a closed loop
-    async with AsyncOpenAI(
-        base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=args.timeout
-    ) as client:
-        model = args.model or (await client.models.list()).data[0].id
+    base_url = args.base_url.rstrip("/")
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {args.api_key}"},
+        timeout=aiohttp.ClientTimeout(total=args.timeout),
+        connector=aiohttp.TCPConnector(limit=0),  # the semaphore below is the limit
+    ) as session:
+        if args.model:
+            model = args.model
+        else:
+            async with session.get(f"{base_url}/models") as resp:
+                if resp.status != 200:
+                    raise SystemExit(f"{base_url}/models: HTTP {resp.status}")
+                model = (await resp.json())["data"][0]["id"]
         samples = load_samples(args)
         limit = asyncio.Semaphore(args.concurrency or len(samples))
         rng = random.Random(args.seed)
@@ -153,7 +185,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         async def one(sample: Sample) -> RequestResult:
             async with limit:
-                r = await send(client, model, sample, args.max_tokens, args.temperature)
+                r = await send(session, base_url, model, sample, args.max_tokens, args.temperature)
                 bar.update()
                 return r
 

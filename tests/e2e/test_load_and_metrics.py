@@ -137,3 +137,25 @@ def test_health_and_metrics(server: str, client) -> None:  # noqa: ANN001
     ):
         assert name in families, name
     assert 0 <= families["vllm:kv_cache_usage_perc"].samples[0].value <= 1
+
+
+def test_bench_counts_what_the_server_streamed(server: str) -> None:
+    """`llmcluster bench` reads the SSE lines itself: every token the server streamed is timed
+    and counted, on both routes, and a refused request is a failure with its reason."""
+    import argparse
+
+    from cluster import bench
+
+    ap = argparse.ArgumentParser()
+    bench.add_arguments(ap)
+    common = ["--base-url", f"{server}/v1", "--api-key", API_KEY, "--no-progress"]
+    common += ["--num-prompts", "3", "--concurrency", "2", "--max-tokens", "8"]
+    for dataset in ("builtin", "random"):
+        report = asyncio.run(bench.run(ap.parse_args([*common, "--dataset", dataset])))
+        assert report["model"] == MODEL and report["failed"] == 0, report["errors"]
+        assert report["output_tokens"] == 3 * 8  # ignore_eos: every request runs to max_tokens
+        assert 0 < report["ttft"]["p50_ms"] < report["e2e"]["p50_ms"]
+        assert report["tpot"]["p50_ms"] > 0
+    refused = ap.parse_args([*common, "--model", MODEL, "--api-key", "wrong"])
+    report = asyncio.run(bench.run(refused))
+    assert report["completed"] == 0 and "HTTP 401" in report["errors"][0]
