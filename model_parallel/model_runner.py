@@ -100,13 +100,14 @@ class ModelRunner:
             raise ValueError("--quantization w4a8 runs on CPU")
         modules = [m for m in self.model.modules() if hasattr(m, "pack")]
         if quantization == "w4a8":
-            if not any([isinstance(m.pack("w4a8"), W4A8) for m in modules]):  # packs them all
+            quantized = [isinstance(m.pack("w4a8"), W4A8) for m in modules]
+            if not any(quantized):
                 raise ValueError(
                     "--quantization w4a8 needs 4-bit (Q4_1) GGUF weights and the CPU kernels "
                     "(AVX2); this model has none that qualify"
                 )
             # the rest (norms, embedding, other linears) in the run's dtype, then packed as such
-            modules = [m for m in modules if not isinstance(m.packed, W4A8)]
+            modules = [m for m, q in zip(modules, quantized) if not q]
             self.model.to(self.dtype)
         for m in modules:
             m.pack()
