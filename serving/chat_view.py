@@ -108,36 +108,36 @@ class ChatView:
     async def chunks(
         self, first: RequestOutput, rest: AsyncIterator[RequestOutput]
     ) -> AsyncIterator[dict[str, Any]]:
-        yield self._chunk(
-            [
-                {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                for i in range(self.req.n)
-            ]
-        )
+        # One choice per chunk, as OpenAI and vLLM send them: clients read choices[0].
+        for i in range(self.req.n):
+            yield self._chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
         last = first
         async for out in prepend(first, rest):
             last = out
-            choices = []
             for c in last.outputs:
                 delta = self._delta(c)
                 if delta or c.finish_reason or c.logprobs:
-                    choices.append(
-                        {
-                            "index": c.index,
-                            "delta": delta,
-                            "logprobs": self._logprobs(c.logprobs) if c.logprobs else None,
-                            "finish_reason": finish_reason(
-                                c.finish_reason, self.parsers.get(c.index)
-                            ),
-                        }
+                    yield self._chunk(
+                        [
+                            {
+                                "index": c.index,
+                                "delta": delta,
+                                "logprobs": self._logprobs(c.logprobs) if c.logprobs else None,
+                                "finish_reason": finish_reason(
+                                    c.finish_reason, self.parsers.get(c.index)
+                                ),
+                            }
+                        ]
                     )
-            if choices:
-                yield self._chunk(choices)
         if self._include_usage:
             yield {
                 **self._chunk([]),

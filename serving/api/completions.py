@@ -167,8 +167,7 @@ class CompletionView:
         offsets: dict[tuple[int, int], int] = {}
         async for i, out in merged:
             lasts[i] = out
-            choices = []
-            for c in out.outputs:
+            for c in out.outputs:  # one choice per chunk, as OpenAI sends them
                 key = (i, c.index)
                 text = c.text
                 if key not in echoed:
@@ -178,15 +177,13 @@ class CompletionView:
                 if self.req.logprobs is not None and c.logprobs:
                     lp = self.entry.logprobs.completion(c.logprobs, offsets.get(key, 0))
                 offsets[key] = offsets.get(key, 0) + len(c.text)
-                choices.append(
-                    {
-                        "index": i * self.req.n + c.index,
-                        "text": text,
-                        "logprobs": lp,
-                        "finish_reason": c.finish_reason,
-                    }
-                )
-            yield {**self._base("text_completion"), "choices": choices}
+                choice = {
+                    "index": i * self.req.n + c.index,
+                    "text": text,
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                }
+                yield {**self._base("text_completion"), "choices": [choice]}
         if self.req.stream_options and self.req.stream_options.include_usage:
             yield {
                 **self._base("text_completion"),

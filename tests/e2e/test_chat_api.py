@@ -71,7 +71,8 @@ def test_n_choices_plain_and_streamed(client) -> None:  # noqa: ANN001
     chunks = list(
         client.chat.completions.create(model=MODEL, messages=Q, n=2, max_tokens=8, stream=True)
     )
-    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert all(len(c.choices) == 1 for c in chunks)  # one choice per chunk, as OpenAI sends
+    finished = {c.choices[0].index for c in chunks if c.choices[0].finish_reason}
     assert finished == {0, 1}
 
 
@@ -175,6 +176,13 @@ def test_completions_api(client) -> None:  # noqa: ANN001
         )
     )
     assert any(c.choices and c.choices[0].logprobs for c in chunks)
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt=["One", "Two"], max_tokens=3, n=2, stream=True
+        )
+    )
+    assert all(len(c.choices) == 1 for c in streamed)
+    assert {c.choices[0].index for c in streamed if c.choices[0].finish_reason} == {0, 1, 2, 3}
 
 
 def test_cached_tokens_reported_from_the_prefix_cache(client) -> None:  # noqa: ANN001
