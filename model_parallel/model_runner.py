@@ -27,6 +27,7 @@ from model_parallel.forward_context import (
     kernel_rows,
 )
 from model_parallel.layers import cpu_kernels
+from model_parallel.layers.block_quant import block_quantize
 from model_parallel.layers.w4a8 import W4A8
 from model_parallel.loader import load_weights
 from model_parallel.models.cpu_forward import CpuForward
@@ -53,10 +54,13 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.ctx = ForwardContext()
         quantization = config.model.quantization
+        # w4a8 and bf16 panels find the GGUF's blocks in the fp32 the checkpoint holds, before
+        # any cast rounds them
+        self.panel_blocks = dtype == torch.bfloat16 and cpu_kernels.bf16_blocks_enabled(device)
         with torch.device(device):
             prev = torch.get_default_dtype()
-            # w4a8 finds the GGUF's blocks in the fp32 the checkpoint holds, before any cast
-            torch.set_default_dtype(torch.float32 if quantization == "w4a8" else dtype)
+            fp32_first = quantization == "w4a8" or self.panel_blocks
+            torch.set_default_dtype(torch.float32 if fp32_first else dtype)
             try:
                 self.model = LlamaForCausalLM(arch, max_model_len, tp, self.ctx)
             finally:
@@ -108,9 +112,11 @@ class ModelRunner:
                 )
             # the rest (norms, embedding, other linears) in the run's dtype, then packed as such
             modules = [m for m, q in zip(modules, quantized) if not q]
-            self.model.to(self.dtype)
-        for m in modules:
-            m.pack()
+        # the blocks of what is left, then its bf16 panels read them at a few rows
+        blocks = [block_quantize(m.weight) if self.panel_blocks else None for m in modules]
+        self.model.to(self.dtype)
+        for m, b in zip(modules, blocks):
+            m.pack(blocks=b)
 
     def _num_blocks(self, config: EngineConfig) -> int:
         cache = config.cache

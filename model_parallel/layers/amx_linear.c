@@ -4,7 +4,8 @@
  * tiles, then for every 32 inputs one A tile and four tdpbf16ps. A row's result is the same
  * sequence of tile instructions whatever the other rows (a partial block of rows is padded with
  * zeros to 16), so it does not depend on the batch; accumulation is fp32, the output rounded once
- * to bf16. */
+ * to bf16. Block-quantized weights (cpu_linear.c's panel_linear_bf16) are expanded into the same
+ * B tiles, 32 inputs at a time, where one row tile holds the batch. */
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 #include <immintrin.h>
 #include <stdint.h>
@@ -39,15 +40,23 @@ static void configure_tiles(void) {
   _tile_loadconfig(&cfg);
 }
 
-/* 16 rows (a: row stride k) times a panel tile's 64 features into c [16][64] fp32. Tiles 0-3
- * accumulate, 4 holds A, 5 and 6 take turns at B. */
-static void block_times_tile(const uint16_t *a, int k, const uint32_t *panel, float *c) {
+void expand_bf16_block(uint32_t *out, const uint8_t *blocks, int t, int k, int kb, int bits);
+
+/* 16 rows (a: row stride k) times 64-feature tile t into c [16][64] fp32, its weights from the
+ * panel, or from the blocks through buf [16][64]. Tiles 0-3 accumulate, 4 holds A, 5 and 6 take
+ * turns at B. */
+static void block_times_tile(const uint16_t *a, int k, const uint32_t *w, int t,
+                             const uint8_t *blocks, int bits, uint32_t *buf, float *c) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   for (int kk = 0; kk < k / 32; kk++) {
-    const uint32_t *b = panel + (long)kk * 16 * COLS;
+    const uint32_t *b = w + ((long)t * (k / 2) + kk * 16) * COLS;
+    if (blocks) {
+      expand_bf16_block(buf, blocks, t, k, kk, bits);
+      b = buf;
+    }
     _tile_loadd(4, a + kk * 32, k * 2);
     _tile_loadd(5, b, COLS * 4);
     _tile_dpbf16ps(0, 4, 5);
@@ -65,17 +74,19 @@ static void block_times_tile(const uint16_t *a, int k, const uint32_t *panel, fl
 }
 
 int amx_linear_bf16(uint16_t *y, const uint16_t *x, int m, int k, const uint32_t *w, int n,
-                    const uint16_t *bias, int num_threads) {
+                    const uint16_t *bias, int num_threads, const uint8_t *blocks, int bits) {
   if (!amx_allowed()) return 0;
-  const int blocks = (m + ROWS - 1) / ROWS;
+  if (m > ROWS) blocks = NULL; /* re-expanding them per row tile would cost more than the panel */
+  const int row_tiles = (m + ROWS - 1) / ROWS;
 #pragma omp parallel num_threads(num_threads)
   {
     configure_tiles();
     float *c = aligned_alloc(64, sizeof(float) * ROWS * COLS);
+    uint32_t *buf = blocks ? aligned_alloc(64, sizeof(uint32_t) * 16 * COLS) : NULL;
     uint16_t *pad = NULL;
 #pragma omp for collapse(2) schedule(guided)
     for (int t = 0; t < n / COLS; t++)
-      for (int blk = 0; blk < blocks; blk++) {
+      for (int blk = 0; blk < row_tiles; blk++) {
         const int rows = m - blk * ROWS < ROWS ? m - blk * ROWS : ROWS;
         const uint16_t *a = x + (long)blk * ROWS * k;
         if (rows < ROWS) { /* the last rows, with zeros below them */
@@ -84,7 +95,7 @@ int amx_linear_bf16(uint16_t *y, const uint16_t *x, int m, int k, const uint32_t
           memcpy(pad, a, sizeof(uint16_t) * rows * k);
           a = pad;
         }
-        block_times_tile(a, k, w + (long)t * (k / 2) * COLS, c);
+        block_times_tile(a, k, w, t, blocks, bits, buf, c);
         for (int r = 0; r < rows; r++)
           for (int q = 0; q < COLS; q += 16) {
             __m512 v = _mm512_loadu_ps(c + r * COLS + q);
@@ -98,6 +109,7 @@ int amx_linear_bf16(uint16_t *y, const uint16_t *x, int m, int k, const uint32_t
           }
       }
     free(pad);
+    free(buf);
     free(c);
     _tile_release();
   }

@@ -65,7 +65,7 @@ _SIGNATURES = {
 _LINEARS = {  # built only where the set has AVX2 and FMA
     "block_quant_linear_f32": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
     "panel_linear_f32": [_P, _P, _I, _I, _P, _I, _P, _I],
-    "panel_linear_bf16": [_P, _P, _I, _I, _P, _I, _P, _I],
+    "panel_linear_bf16": [_P, _P, _I, _I, _P, _I, _P, _I, _P, _I],
     "w4a8_linear_f32": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
     "w4a8_linear_bf16": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
     # the decoder stack (cpu_model.c): model, x, residual, tokens, positions, slots, attention
@@ -175,6 +175,11 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
 def linear_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `linear` runs weights of this dtype (the AVX2 and AVX512 sets)."""
     return enabled(device, dtype) and hasattr(_library(), "panel_linear_f32")
+
+
+def bf16_blocks_enabled(device: torch.device) -> bool:
+    """Whether bf16 panels can read a GGUF's blocks instead at few rows (AVX512-BF16 and AMX)."""
+    return linear_enabled(device, torch.bfloat16) and hasattr(_library(), "expand_bf16_block")
 
 
 def kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
@@ -302,6 +307,7 @@ def linear(
     assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype)
     lib, bias_ptr = _library(), None if bias is None else bias.data_ptr()
     m, k, n = rows.shape[0], weight.in_features, weight.out_features
+    tail: tuple = ()  # the bf16 panel's blocks, after the threads
     if isinstance(weight, W4A8):  # fp32 or bf16 x
         fn = lib.w4a8_linear_f32 if x.dtype == torch.float32 else lib.w4a8_linear_bf16
         w, extra = weight.blocks.data_ptr(), (weight.bits,)
@@ -311,6 +317,8 @@ def linear(
     else:
         assert x.dtype == weight.data.dtype
         fn = lib.panel_linear_f32 if x.dtype == torch.float32 else lib.panel_linear_bf16
-        w, extra = weight.data.data_ptr(), ()
-    fn(y.data_ptr(), rows.data_ptr(), m, k, w, n, *extra, bias_ptr, torch.get_num_threads())
+        w, extra, blocks = weight.data.data_ptr(), (), weight.blocks
+        if x.dtype == torch.bfloat16:
+            tail = (None, 0) if blocks is None else (blocks.blocks.data_ptr(), blocks.bits)
+    fn(y.data_ptr(), rows.data_ptr(), m, k, w, n, *extra, bias_ptr, torch.get_num_threads(), *tail)
     return y.view(*x.shape[:-1], n)

@@ -12,7 +12,7 @@
 enum { BLOCK_QUANT = 0, PANEL = 1, W4A8 = 2 }; /* the packed forms of linear.py */
 typedef struct {
   int kind, bits, in_features, out_features;
-  const void *weight, *bias;
+  const void *weight, *bias, *blocks; /* blocks: a bf16 panel's block-quantized twin, or NULL */
 } Linear;
 typedef struct {
   Linear qkv, o, gate_up, down;
@@ -37,7 +37,7 @@ void w4a8_linear_f32(float *, const float *, int, int, const uint8_t *, int, int
                      int);
 void panel_linear_f32(float *, const float *, int, int, const float *, int, const float *, int);
 void panel_linear_bf16(uint16_t *, const uint16_t *, int, int, const uint32_t *, int,
-                       const uint16_t *, int);
+                       const uint16_t *, int, const uint8_t *, int);
 void w4a8_linear_bf16(uint16_t *, const uint16_t *, int, int, const uint8_t *, int, int,
                       const uint16_t *, int);
 
@@ -54,7 +54,7 @@ static void linear_bf16(const Linear *l, uint16_t *y, const uint16_t *x, int m, 
   if (l->kind == W4A8)
     w4a8_linear_bf16(y, x, m, k, l->weight, n, l->bits, l->bias, threads);
   else
-    panel_linear_bf16(y, x, m, k, l->weight, n, l->bias, threads);
+    panel_linear_bf16(y, x, m, k, l->weight, n, l->bias, threads, l->blocks, l->bits);
 }
 
 #define DEFINE_MODEL(S, T)                                                                        \

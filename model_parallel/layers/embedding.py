@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_parallel.distributed import TPGroup
+from model_parallel.layers.block_quant import BlockQuantized
 from model_parallel.layers.linear import Packed, linear, pack_weight
 
 
@@ -42,9 +43,11 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     packed: Packed | None = None
 
-    def pack(self, quantization: str = "none") -> Packed | None:
+    def pack(
+        self, quantization: str = "none", blocks: BlockQuantized | None = None
+    ) -> Packed | None:
         """The embedding keeps the plain weight (it is tied); w4a8 takes 4-bit weights only."""
-        self.packed = pack_weight(self.weight, quantization)
+        self.packed = pack_weight(self.weight, quantization, blocks)
         return self.packed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

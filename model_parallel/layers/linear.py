@@ -22,7 +22,9 @@ from model_parallel.layers.w4a8 import W4A8, to_w4a8
 Packed = BlockQuantized | Panel | W4A8
 
 
-def pack_weight(weight: torch.Tensor, quantization: str = "none") -> Packed | None:
+def pack_weight(
+    weight: torch.Tensor, quantization: str = "none", blocks: BlockQuantized | None = None
+) -> Packed | None:
     """A CPU weight prepared once for our C kernels, whose rows do not depend on the batch (oneDNN's
     do not keep that on every CPU: its packed fp32 and bf16 weights gave other bits for a row
     alone than among 64 on a Zen 4). First an fp32 weight that is exactly a GGUF block
@@ -30,12 +32,13 @@ def pack_weight(weight: torch.Tensor, quantization: str = "none") -> Packed | No
     106-108, 7.4 instead of 35 at one row, on a 2-core AVX2 CPU); else the dense panel form. None
     where the kernels do not run (CUDA, no compiler, float16, odd shapes): F.linear then. With
     `w4a8`, only the GGUF's blocks, in the 8-bit-activation kernel's form (w4a8.py): the runner
-    packs the rest once they are in the run's dtype."""
+    packs the rest once they are in the run's dtype. blocks: a bf16 weight's fp32 original's, for
+    its panel to read at a few rows."""
     if not cpu_kernels.linear_enabled(weight.device, weight.dtype):
         return None
     if quantization == "w4a8":
         return to_w4a8(weight)
-    return block_quantize(weight) or to_panel(weight)
+    return block_quantize(weight) or to_panel(weight, blocks)
 
 
 def linear(
@@ -64,10 +67,12 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.packed, self.bias)
 
-    def pack(self, quantization: str = "none") -> Packed | None:
+    def pack(
+        self, quantization: str = "none", blocks: BlockQuantized | None = None
+    ) -> Packed | None:
         """Called once the weights are loaded. The plain weight is dropped once a packed form
         replaces it (420 MB of the default model's fp32 linears)."""
-        self.packed = pack_weight(self.weight, quantization)
+        self.packed = pack_weight(self.weight, quantization, blocks)
         if self.packed is not None:
             self.weight.data = self.weight.data.new_empty(0)
         return self.packed

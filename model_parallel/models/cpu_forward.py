@@ -24,8 +24,7 @@ BLOCK_QUANT, PANEL, W4A8_KIND = 0, 1, 2  # cpu_model.c's enum
 
 class _Linear(ctypes.Structure):
     _fields_ = [(n, _I) for n in ("kind", "bits", "in_features", "out_features")] + [
-        ("weight", _P),
-        ("bias", _P),
+        (n, _P) for n in ("weight", "bias", "blocks")
     ]
 
 
@@ -69,7 +68,10 @@ def _linear(layer: LinearBase) -> _Linear:
     assert p is not None
     bias = None if layer.bias is None else layer.bias.data_ptr()
     if isinstance(p, Panel):
-        return _Linear(PANEL, 0, p.in_features, p.out_features, p.data.data_ptr(), bias)
+        blocks, bits = (
+            (None, 0) if p.blocks is None else (p.blocks.blocks.data_ptr(), p.blocks.bits)
+        )
+        return _Linear(PANEL, bits, p.in_features, p.out_features, p.data.data_ptr(), bias, blocks)
     kind = W4A8_KIND if isinstance(p, W4A8) else BLOCK_QUANT
     return _Linear(kind, p.bits, p.in_features, p.out_features, p.blocks.data_ptr(), bias)
 

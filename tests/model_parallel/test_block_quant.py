@@ -1,7 +1,8 @@
 """Block-quantized linears: a GGUF Q4_1 or Q8_0 weight, dequantized to fp32, is found again block
 by block and expands back to the same fp32 values bit for bit; anything else stays dense. The C
 kernel's product equals an fp32 matmul to rounding, and a row's result does not depend on the
-rows around it. The default model runs on it."""
+rows around it. The default model runs on it, and its bf16 panels read it at a few rows, to the
+panels' own bits."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from gguf.quants import GGMLQuantizationType, dequantize, quantize
 from model_parallel.layers import cpu_kernels
 from model_parallel.layers.block_quant import BlockQuantized, block_quantize
 from model_parallel.layers.linear import LinearBase
+from model_parallel.layers.panel import Panel, to_panel
 
 pytestmark = pytest.mark.usefixtures("kernel_isa")  # on every instruction set the CPU has
 
@@ -77,3 +79,29 @@ def test_default_model_runs_on_block_quantized_weights(engine_fp32) -> None:
     assert len(linears) == 4 * len(model.layers)
     assert all(isinstance(m.packed, BlockQuantized) and m.packed.bits == 4 for m in linears)
     assert isinstance(model.lm_head.packed, BlockQuantized) and model.lm_head.packed.bits == 8
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_bf16_panel_reads_its_blocks_to_the_panels_bits(kind: str) -> None:
+    """The blocks are read at up to six rows (16 on AMX), the panel beyond: a row's bits must be
+    the same either way, or a stream's tokens would depend on how many share its step."""
+    w = gguf_weight(GGMLQuantizationType[kind], out=128, inputs=96)
+    plain, twin = to_panel(w.bfloat16()), to_panel(w.bfloat16(), block_quantize(w))
+    assert plain is not None and twin is not None and twin.blocks is not None
+    torch.manual_seed(0)
+    bias = torch.randn(128).bfloat16()
+    for m in [0, 1, 2, 3, 5, 6, 7, 13, 16, 17, 32]:
+        x = torch.randn(m, 96).bfloat16()
+        for b in (None, bias):
+            assert torch.equal(cpu_kernels.linear(x, twin, b), cpu_kernels.linear(x, plain, b))
+
+
+def test_bf16_model_keeps_the_gguf_blocks_beside_its_panels(make_engine) -> None:
+    if not cpu_kernels.bf16_blocks_enabled(torch.device("cpu")):
+        pytest.skip("bf16 panels read blocks with AVX512-BF16 or AMX only")
+    model = make_engine(dtype="bfloat16", device="cpu").runner.model
+    packed = [m.packed for m in model.modules() if isinstance(m, LinearBase)]
+    assert all(isinstance(p, Panel) and p.blocks is not None and p.blocks.bits == 4 for p in packed)
+    head = model.lm_head.packed
+    assert isinstance(head, Panel) and head.blocks is not None and head.blocks.bits == 8
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
