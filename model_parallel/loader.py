@@ -47,6 +47,17 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
     )
 
 
+def holds_fp32(path: Path) -> bool:
+    """Whether the checkpoint stores fp32 weights, as a GGUF's conversion does: only those can be
+    its blocks' exact values, worth building a bf16 model in fp32 first to find them (a bf16
+    checkpoint built so would take twice its size in memory for nothing)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return False
+    with safe_open(str(files[0]), framework="pt") as f:
+        return all(f.get_slice(name).get_dtype() == "F32" for name in f.keys())
+
+
 def _checkpoint_name(name: str) -> str:
     return name.removeprefix("model.")
 

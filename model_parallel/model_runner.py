@@ -29,7 +29,7 @@ from model_parallel.forward_context import (
 from model_parallel.layers import cpu_kernels
 from model_parallel.layers.block_quant import block_quantize
 from model_parallel.layers.w4a8 import W4A8
-from model_parallel.loader import load_weights
+from model_parallel.loader import holds_fp32, load_weights
 from model_parallel.models.cpu_forward import CpuForward
 from model_parallel.models.llama import LlamaForCausalLM
 from model_parallel.scheduler import ScheduledSequence
@@ -56,7 +56,11 @@ class ModelRunner:
         quantization = config.model.quantization
         # w4a8 and bf16 panels find the GGUF's blocks in the fp32 the checkpoint holds, before
         # any cast rounds them
-        self.panel_blocks = dtype == torch.bfloat16 and cpu_kernels.bf16_blocks_enabled(device)
+        self.panel_blocks = (
+            dtype == torch.bfloat16
+            and cpu_kernels.bf16_blocks_enabled(device)
+            and holds_fp32(Path(path))
+        )
         with torch.device(device):
             prev = torch.get_default_dtype()
             fp32_first = quantization == "w4a8" or self.panel_blocks

@@ -7,10 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from model_parallel.config import LlamaArchConfig
 from model_parallel.gguf_convert import convert_gguf, hf_name, unpermute_rope
-from model_parallel.loader import builtin_gguf, resolve_model_path
+from model_parallel.loader import builtin_gguf, holds_fp32, resolve_model_path
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -60,3 +62,13 @@ def test_a_copy_of_the_gguf_finds_the_same_conversion(model_path, tmp_path) -> N
 def test_missing_model_is_a_clear_error_and_never_a_download(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="never downloads"):
         resolve_model_path("meta-llama/Llama-3.2-1B-Instruct", str(tmp_path))
+
+
+def test_only_an_fp32_checkpoint_is_searched_for_gguf_blocks(model_path, tmp_path) -> None:
+    """A bf16 run builds its model in fp32 first only where the blocks can be: a bf16 checkpoint
+    would otherwise take twice its size in memory to load."""
+    assert holds_fp32(model_path)  # the GGUF's conversion
+    weights = {"a.weight": torch.zeros(4, 4), "b.weight": torch.zeros(4, 4, dtype=torch.bfloat16)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    assert not holds_fp32(tmp_path)
+    assert not holds_fp32(tmp_path / "empty")
