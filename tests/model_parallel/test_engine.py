@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model_parallel.async_engine import AsyncEngine, ProcessEngine
+from model_parallel.engine import EngineDeadError
 from model_parallel.request import SamplingParams
 from model_parallel.structured import StructuredOutputSpec
 from tests.conftest import SMALL_KV_GIB, assert_pool_full, run_all, text_of, tokens_of
@@ -283,10 +284,22 @@ def test_process_engine_streams_refuses_and_aborts(prompts) -> None:  # noqa: AN
             async for _ in engine.generate("bad", [5] * 9000, greedy()):
                 pass
 
+    async def killed_mid_stream() -> None:
+        gen = engine.generate("killed", prompts[0], greedy(max_tokens=500))
+        await gen.__anext__()
+        engine._proc.kill()
+        with pytest.raises(EngineDeadError):
+            async for _ in gen:
+                pass
+
     try:
         asyncio.run(main())
         engine.check_health()
+        # A second loop reads the results once the first is closed: the same greedy tokens.
+        first = asyncio.run(collect("again0", prompts[0]))
+        assert first == asyncio.run(collect("again1", prompts[0]))
+        asyncio.run(asyncio.wait_for(killed_mid_stream(), 30))
     finally:
         engine.shutdown()
-    with pytest.raises(Exception):  # noqa: B017
+    with pytest.raises(EngineDeadError):
         engine.check_health()
