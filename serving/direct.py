@@ -18,6 +18,7 @@ from serving.config import AppConfig
 from serving.ingress import OpenAIIngress
 from serving.llm_server import LLMServer
 from serving.local_handle import LocalHandle
+from serving.metrics import ReplicaMetrics
 
 
 @serve.deployment
@@ -29,10 +30,9 @@ class OpenAIServer(OpenAIIngress.func_or_class):
         # The LLMServer deployment's max_ongoing + max_queued_requests, counted by the server.
         queued = m.max_queued_requests
         limit = None if queued < 0 else engine_config.scheduler.max_num_seqs + queued
-        self.server = LLMServer(
-            engine_config, m.name, config.name, num_threads, m.stream_interval, limit
-        )
-        await super().__init__(config, {m.name: LocalHandle(self.server)})
+        self.server = LLMServer(engine_config, m.name, None, num_threads, m.stream_interval, limit)
+        metrics = LocalHandle(ReplicaMetrics(m.name, self.server.stats))
+        await super().__init__(config, {m.name: LocalHandle(self.server)}, metrics)
 
     # What another app's handle to this deployment calls (this replica's routes go straight to
     # self.server), and Serve's health check.

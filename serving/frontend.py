@@ -59,10 +59,11 @@ async def guarded(handler: Callable[[Request], Any], request: Request) -> Respon
 class Frontend:
     """One ingress replica's models and settings, and the checks every route makes."""
 
-    def __init__(self, config: AppConfig, handles: dict[str, Any]):
+    def __init__(self, config: AppConfig, handles: dict[str, Any], metrics: Any = None):
+        """`metrics` renders /metrics; by default the app's MetricsStore actor."""
         self.settings = config.server
         self.models = {m.name: ModelEntry(m, handles[m.name]) for m in config.models}
-        self.metrics = metrics_store(config.name)
+        self.metrics = metrics or metrics_store(config.name)
 
     def authorize(self, request: Request) -> None:
         key = self.settings.api_key

@@ -26,8 +26,8 @@ app = FastAPI(title="llmcluster", docs_url=None, redoc_url=None)
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, config: AppConfig, handles: dict[str, Any]):
-        self.front = Frontend(config, handles)
+    def __init__(self, config: AppConfig, handles: dict[str, Any], metrics: Any = None):
+        self.front = Frontend(config, handles, metrics)
         self.chat = ChatHandler(self.front)
         self.completions = CompletionsHandler(self.front)
         self.responses = ResponsesHandler(self.front)

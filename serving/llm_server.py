@@ -61,7 +61,7 @@ class LLMServer:
         self,
         engine_config: EngineConfig,
         model_name: str,
-        app_name: str,
+        app_name: str | None,
         num_threads: int = 1,
         stream_interval: int = 1,
         max_requests: int | None = None,
@@ -74,14 +74,12 @@ class LLMServer:
         tp = engine_config.parallel.tensor_parallel_size
         self.engine = ProcessEngine(engine_config) if tp == 1 else AsyncEngine(engine_config)
         self.metrics = EngineMetrics()
-        replica = serve.get_replica_context().replica_id.unique_id
-        self._reporter = threading.Thread(
-            target=self._report,
-            args=(model_name, app_name, replica),
-            name="metrics-report",
-            daemon=True,
-        )
-        self._reporter.start()
+        if app_name is not None:  # None: the replica serves the app itself and renders /metrics
+            replica = serve.get_replica_context().replica_id.unique_id
+            args = (model_name, app_name, replica)
+            threading.Thread(
+                target=self._report, args=args, name="metrics-report", daemon=True
+            ).start()
 
     def _report(self, model_name: str, app_name: str, replica: str) -> None:
         store = metrics_store(app_name)
