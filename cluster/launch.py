@@ -29,9 +29,17 @@ SERVE_ENV = {
 }
 
 
-# HAProxy's own listeners (Prometheus 9101, stats 8404 by default): on a node of a cluster the
-# defaults; a local instance takes free ports, so two of them can run on one machine.
-HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+# HAProxy's own listeners (Prometheus 9101, stats 8404 by default) and the fallback proxy HAProxy
+# sends requests to while no replica is up (8500, 9500): on a node of a cluster the defaults; a
+# local instance takes free ports, so two of them can run on one machine. NOTE: Serve's proxies
+# bind with SO_REUSEPORT, so a second instance on 8500 shares it and the kernel splits its
+# connections: requests to one app, /health included, were answered by the other.
+LOCAL_PORTS = (
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
 
 
 def apply_serve_env() -> None:
@@ -39,7 +47,7 @@ def apply_serve_env() -> None:
     in the environment wins."""
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
-    for key in HAPROXY_PORTS:
+    for key in LOCAL_PORTS:
         os.environ.setdefault(key, str(free_port()))
 
 
@@ -156,7 +164,11 @@ def serve_forever(config: AppConfig, host: str, port: int, address: str | None) 
             f"llmcluster: serving {', '.join(m.name for m in config.models)} at {url}/v1",
             flush=True,
         )
-        stop.wait()
+        # NOTE: in slices, not one wait: the handler runs only when the main thread runs Python,
+        # and a signal the kernel hands one of Ray's threads (as it often does right after a
+        # SIGSTOP/SIGCONT, Ctrl-Z then bg) leaves a main thread asleep on the lock unaware.
+        while not stop.wait(1.0):
+            pass
     finally:
         print("llmcluster: shutting down", flush=True)
         shutdown()
