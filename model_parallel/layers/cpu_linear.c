@@ -96,32 +96,49 @@ static inline __attribute__((always_inline)) void rows_times_tile(
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-/* Input i of a 16-feature block as the loader's fp32 values (the product is exact, so one FMA
- * rounds as its multiply and add do) */
-static inline __attribute__((always_inline)) __m512 expand_row16(const uint8_t *restrict block,
-                                                                 int i, int bits) {
-  const __m512 scale = _mm512_loadu_ps((const float *)block);
-  if (bits == 8)
-    return _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                    _mm_loadu_si128((const __m128i *)(block + 64 + 16 * i)))));
-  const __m128i b = _mm_loadl_epi64((const __m128i *)(block + 128 + 8 * i));
-  const __m512i nibble_shift = _mm512_set_epi32(4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i q = _mm512_and_si512(
-      _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b)), nibble_shift),
-      _mm512_set1_epi32(15));
-  return _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(q), _mm512_loadu_ps((const float *)block + 16));
+/* What expand_pair needs of a block's scales, once per block: the Q8_0 scales as they are; the
+ * Q4_1 scales and minimums of features 0-7 and of 8-15, each twice (a pair's two inputs side by
+ * side) */
+static inline __attribute__((always_inline)) void pair_scales(const uint8_t *restrict block,
+                                                              int bits, __m512 sc[4]) {
+  const __m512 s = _mm512_loadu_ps((const float *)block);
+  if (bits == 8) {
+    sc[0] = s;
+    return;
+  }
+  const __m512 m = _mm512_loadu_ps((const float *)block + 16);
+  sc[0] = _mm512_shuffle_f32x4(s, s, 0x44);
+  sc[1] = _mm512_shuffle_f32x4(s, s, 0xEE);
+  sc[2] = _mm512_shuffle_f32x4(m, m, 0x44);
+  sc[3] = _mm512_shuffle_f32x4(m, m, 0xEE);
 }
 
-/* Inputs i and i + 1 of a block as one register of a bf16 panel: both rounded to bf16 as
- * torch's .to(torch.bfloat16) rounds (to nearest even), then paired feature by feature */
+/* Inputs i and i + 1 (i even) of a block as one register of a bf16 panel: the loader's fp32
+ * values (the product is exact, so one FMA rounds as its multiply and add do), rounded to bf16 as
+ * torch's .to(torch.bfloat16) rounds (to nearest even), then paired feature by feature. A Q4_1
+ * pair's 16 bytes expand at once: their low nibbles are features 0-7 of both inputs, the high
+ * ones 8-15 (10 instructions a pair, where one input at a time took 16). */
 static inline __attribute__((always_inline)) __m512i expand_pair(const uint8_t *restrict block,
-                                                                 int i, int bits) {
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                              24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
-                                              1, 16, 0);
-  const __m512bh both = _mm512_cvtne2ps_pbh(expand_row16(block, i + 1, bits),
-                                            expand_row16(block, i, bits));
-  return _mm512_permutexvar_epi16(interleave, (__m512i)both);
+                                                                 int i, int bits,
+                                                                 const __m512 sc[4]) {
+  if (bits == 8) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                                9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                                17, 1, 16, 0);
+    const __m128i *q = (const __m128i *)(block + 64 + 16 * i);
+    const __m512bh both = _mm512_cvtne2ps_pbh(
+        _mm512_mul_ps(sc[0], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)))),
+        _mm512_mul_ps(sc[0], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)))));
+    return _mm512_permutexvar_epi16(interleave, (__m512i)both);
+  }
+  const __m512i interleave = _mm512_set_epi16(31, 23, 30, 22, 29, 21, 28, 20, 27, 19, 26, 18, 25,
+                                              17, 24, 16, 15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2,
+                                              9, 1, 8, 0);
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + 128 + 8 * i)));
+  const __m512 lo = _mm512_fmadd_ps(
+      sc[0], _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), sc[2]);
+  const __m512 hi = _mm512_fmadd_ps(sc[1], _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), sc[3]);
+  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 
 /* R rows of bf16 x times one 64-feature bf16 pair tile: four vdpbf16ps per row and input pair,
@@ -138,13 +155,17 @@ static inline __attribute__((always_inline)) void rows_times_bf16_tile(
   for (int r = 0; r < r_rows; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
   for (int kb = 0; kb < k / BLOCK; kb++) {
     const uint8_t *block = source ? tile + kb * tile_bytes(source) : NULL;
+    __m512 sc[4][4];
+    if (source)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; c++) pair_scales(block + c * per_tile, source, sc[c]);
 #pragma GCC unroll 2
     for (int i = 0; i < BLOCK; i += 2) {
       const int p = kb * BLOCK / 2 + i / 2;
       __m512i w[4];
 #pragma GCC unroll 4
       for (int c = 0; c < 4; c++)
-        w[c] = source ? expand_pair(block + c * per_tile, i, source)
+        w[c] = source ? expand_pair(block + c * per_tile, i, source, sc[c])
                       : _mm512_loadu_si512(panel + (long)p * BF16_COLUMNS + 16 * c);
 #pragma GCC unroll 6
       for (int r = 0; r < r_rows; r++) {
@@ -312,10 +333,12 @@ void expand_bf16_block(uint32_t *restrict out, const uint8_t *restrict blocks, i
                        int bits) {
   const long per_tile = tile_bytes(bits) * (k / BLOCK);
   const uint8_t *block = blocks + 4 * t * per_tile + kb * tile_bytes(bits);
+  __m512 sc[4][4];
+  for (int c = 0; c < 4; c++) pair_scales(block + c * per_tile, bits, sc[c]);
   for (int i = 0; i < BLOCK; i += 2)
     for (int c = 0; c < 4; c++)
       _mm512_storeu_si512(out + i / 2 * BF16_COLUMNS + 16 * c,
-                          expand_pair(block + c * per_tile, i, bits));
+                          expand_pair(block + c * per_tile, i, bits, sc[c]));
 }
 #endif
 #if defined(__AMX_BF16__)
