@@ -19,7 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_throughput import chat_prompts, run_engine  # noqa: E402
-from serve_vs_llamacpp import add_serve_arguments, free_port, prompts_for, running  # noqa: E402
+from serve_vs_llamacpp import add_serve_arguments, prompts_for, running  # noqa: E402
+
+from cluster.launch import free_port  # noqa: E402
 
 
 def tree(root: int) -> list[int]:

@@ -117,7 +117,7 @@ static inline __attribute__((always_inline)) void pair_scales(const uint8_t *res
  * values (the product is exact, so one FMA rounds as its multiply and add do), rounded to bf16 as
  * torch's .to(torch.bfloat16) rounds (to nearest even), then paired feature by feature. A Q4_1
  * pair's 16 bytes expand at once: their low nibbles are features 0-7 of both inputs, the high
- * ones 8-15 (10 instructions a pair, where one input at a time took 16). */
+ * ones 8-15 (10 operations a pair register, where one input at a time took 16). */
 static inline __attribute__((always_inline)) __m512i expand_pair(const uint8_t *restrict block,
                                                                  int i, int bits,
                                                                  const __m512 sc[4]) {
