@@ -220,8 +220,9 @@ static inline void prefetch_row(const void *row, int bytes) {
         if (t + PREFETCH_TOKENS < ctx)                                                            \
           prefetch_row(k_cache + token_row(table, t + PREFETCH_TOKENS, shift, token_stride),      \
                        row_bytes);                                                                \
-        prefetch_row(v_cache + token_row(table, t, shift, token_stride), row_bytes);              \
-        const T *k = k_cache + token_row(table, t, shift, token_stride);                          \
+        const int64_t row = token_row(table, t, shift, token_stride);                             \
+        prefetch_row(v_cache + row, row_bytes);                                                   \
+        const T *k = k_cache + row;                                                               \
         vf kv[ND];                                                                                \
         for (int c = 0; c < NC; c++) kv[c] = vload_##S(k + c * LANES, c == NC - 1 ? tail : LANES); \
         for (int h = 0; h < G; h++) {                                                             \
