@@ -366,6 +366,55 @@ DEFINE_ATTEND(attend_3x64_bf16, bf16, uint16_t, 3, 64 / LANES)
     }                                                                                             \
   }
 
+/* One vector of a row into argmax's lane-wise maxima: strictly greater, so a lane keeps its first */
+static inline void argmax_step(vf v, int t, vi lane, vf *best, vi *at, vi *nan) {
+  const vi up = v > *best;
+  *best = vsel(up, v, *best);
+  *at = (*at & ~up) | ((lane + t) & up);
+  *nan |= v != v;
+}
+
+#define DEFINE_ARGMAX(S, T)                                                                       \
+  /* out[r] = the index of row r's largest of n values, as torch's max(-1).indices has it: the    \
+   * first of equal maxima, the first NaN where the row has one. Greedy decoding takes it on the  \
+   * LM head's own logits, which widening to fp32 would not reorder. Four vectors of maxima, so   \
+   * that their compare-and-select chains overlap; the reduction breaks ties by index. */         \
+  void argmax_##S(int64_t *out, const T *x, int rows, int n, int num_threads) {                   \
+    const vi lane = lane_index();                                                                 \
+    _Pragma("omp parallel for num_threads(num_threads) if (rows > 1)") for (int r = 0; r < rows;  \
+                                                                           r++) {                 \
+      const T *row = x + (int64_t)r * n;                                                          \
+      vf best[4];                                                                                 \
+      vi at[4], nan = {0};                                                                        \
+      for (int j = 0; j < 4; j++) best[j] = (vf){0} - INFINITY, at[j] = lane;                     \
+      int t = 0;                                                                                  \
+      for (; t + 4 * LANES <= n; t += 4 * LANES)                                                  \
+        for (int j = 0; j < 4; j++)                                                               \
+          argmax_step(vload_##S(row + t + j * LANES, LANES), t + j * LANES, lane, best + j,      \
+                      at + j, &nan);                                                              \
+      for (; t < n; t += LANES) {                                                                 \
+        const int w = n - t < LANES ? n - t : LANES;                                              \
+        argmax_step(vsel(lane < w, vload_##S(row + t, w), (vf){0} - INFINITY), t, lane, best,    \
+                    at, &nan);                                                                    \
+      }                                                                                           \
+      int64_t found = at[0][0];                                                                   \
+      float m = best[0][0];                                                                       \
+      for (int j = 0; j < 4; j++)                                                                 \
+        for (int i = 0; i < LANES; i++)                                                           \
+          if (best[j][i] > m || (best[j][i] == m && at[j][i] < found))                            \
+            m = best[j][i], found = at[j][i];                                                     \
+      for (int i = 0; i < LANES; i++)                                                             \
+        if (nan[i]) { /* rare: find the first NaN */                                              \
+          for (found = 0; ld_##S(row + found) == ld_##S(row + found); found++) {                  \
+          }                                                                                       \
+          break;                                                                                  \
+        }                                                                                         \
+      out[r] = found;                                                                             \
+    }                                                                                             \
+  }
+
+DEFINE_ARGMAX(f32, float)
+DEFINE_ARGMAX(bf16, uint16_t)
 DEFINE_SILU_AND_MUL(f32, float)
 DEFINE_SILU_AND_MUL(bf16, uint16_t)
 DEFINE_KERNELS(f32, float)

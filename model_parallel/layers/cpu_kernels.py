@@ -61,6 +61,7 @@ _SIGNATURES = {
     "write_kv": [_P] * 4 + [ctypes.c_int64, _P, _I, _I],
     "add_rms_norm": [_P] * 4 + [_I, _I, _F, _I],
     "silu_and_mul": [_P, _P, _I, _I, _I],
+    "argmax": [_P, _P, _I, _I, _I],
 }
 _LINEARS = {  # built only where the set has AVX2 and FMA
     "block_quant_linear_f32": [_P, _P, _I, _I, _P, _I, _I, _P, _I],
@@ -294,6 +295,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     assert x.is_contiguous()
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     kernel("silu_and_mul", x.dtype)(out.data_ptr(), x.data_ptr(), t, n, torch.get_num_threads())
+    return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x: contiguous [B, n] -> [B] int64, as x.max(-1).indices (the first of ties; NaN wins)."""
+    assert x.is_contiguous() and x.dim() == 2
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    kernel("argmax", x.dtype)(out.data_ptr(), x.data_ptr(), *x.shape, torch.get_num_threads())
     return out
 
 

@@ -111,6 +111,23 @@ def test_silu_and_mul_matches_torch_and_rows_are_independent(
     assert all(torch.equal(silu_and_mul(x[i : i + 1]), got[i : i + 1]) for i in (0, 17, 39))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_is_torchs_first_maximum_and_first_nan(dtype: torch.dtype) -> None:
+    """Greedy's argmax over rows of every length a vector splits unevenly (and a vocabulary's):
+    ties go to the first, a NaN anywhere wins (the first one), an all -inf row gives 0."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 15, 17, 64, 65, 49157):
+        x = torch.randn(9, n, generator=gen).to(dtype)
+        x[1] = float("-inf")
+        x[2] = 1.0
+        x[3, ::3] = 7.0
+        x[4, -1] = float("inf")
+        x[5, n // 2 :] = float("nan")
+        x[6, 0] = float("nan")
+        x[7, -1] = float("nan")
+        assert cpu_kernels.argmax(x).tolist() == x.max(-1).indices.tolist(), n
+
+
 def _decode_attention(
     dtype: torch.dtype,
     context_lens: list[int],
