@@ -270,15 +270,18 @@ ROWS_TIMES(rows_from_bf16_q8, FROM_BF16_Q8)
 typedef void (*rows_fn)(int, const void *, const void *, const uint8_t *, int, void *, long,
                         const void *);
 
-/* All m rows against one tile, six at a time; a tail of 7-9 goes as 4 + the rest (two short
- * chains are slow). esize: bytes of an element of x and y. */
+/* The rows of `left` that a linear's next group of at most `most` takes: a tail of most + 1 to
+ * most + 3 goes as 4 + the rest (two short chains are slow). w4a8.c's groups too. */
+int row_group(int left, int most) {
+  return left >= most + 4 || left == most ? most : left > most ? left - 4 : left;
+}
+
+/* All m rows against one tile, six at a time. esize: bytes of an element of x and y. */
 static void all_rows(rows_fn fn, int m, const char *x, const void *panel, const uint8_t *tile,
                      int k, char *y, long n, const void *bias, int esize) {
-  for (int row = 0; row < m;) {
-    const int left = m - row;
-    const int r_rows = left >= 10 || left == MAX_ROWS ? MAX_ROWS : left > MAX_ROWS ? left - 4 : left;
+  for (int row = 0, r_rows; row < m; row += r_rows) {
+    r_rows = row_group(m - row, MAX_ROWS);
     fn(r_rows, x + (long)row * k * esize, panel, tile, k, y + (long)row * n * esize, n, bias);
-    row += r_rows;
   }
 }
 

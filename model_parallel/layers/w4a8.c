@@ -176,20 +176,27 @@ static inline __attribute__((always_inline)) void w4a8_rows(
 #pragma GCC unroll 8
     for (int g = 0; g < 8; g++)
       w[g] = bits == 4 ? nibbles(q + 64 * (g % 4), g / 4) : load_q8(q + 64 * g);
+    /* Two sums a row, over weight groups 0-3 and 4-7, and a row's block into its accumulator
+     * after its group 7. AVX512's 32 registers hold every row's sums: a group at a time over the
+     * rows, so that a chain's next vpdpbusd comes R instructions on, past its latency (the Q8_0
+     * LM head 14% faster); AVX2's 16 take a row at a time, its two chains in turn. */
+    ivec sum[W4A8_ROWS][2];
 #pragma GCC unroll 6
-    for (int r = 0; r < r_rows; r++) {
-      const int32_t *x4 = (const int32_t *)(qx + (long)r * k + kb * W4A8_BLOCK);
-      const float *sc = scales + ((long)r * (k / W4A8_BLOCK) + kb) * 3;
-      ivec s0 = IZERO(), s1 = IZERO();
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; g++) {
-        s0 = bits == 4 ? dot4(s0, w[g], x4[g]) : dot4_q8(s0, w[g], x4[g]);
-        s1 = bits == 4 ? dot4(s1, w[4 + g], x4[4 + g]) : dot4_q8(s1, w[4 + g], x4[4 + g]);
+    for (int r = 0; r < r_rows; r++) sum[r][0] = sum[r][1] = IZERO();
+#pragma GCC unroll 48
+    for (int i = 0; i < 8 * r_rows; i++) {
+      const int g = HALVES == 1 ? i / r_rows : i % 2 * 4 + i % 8 / 2; /* AVX2: 0, 4, 1, 5, .. */
+      const int r = HALVES == 1 ? i % r_rows : i / 8;
+      const int32_t x4 = *(const int32_t *)(qx + (long)r * k + kb * W4A8_BLOCK + 4 * g);
+      ivec *s = &sum[r][g / 4];
+      *s = bits == 4 ? dot4(*s, w[g], x4) : dot4_q8(*s, w[g], x4);
+      if (g == 7) {
+        const float *sc = scales + ((long)r * (k / W4A8_BLOCK) + kb) * 3;
+        ivec total = IADD(sum[r][0], sum[r][1]);
+        if (bits == 8) total = IADD(total, ISET1(-Q8_OFFSET * (int)sc[2]));
+        acc[r] = FMA(ITOF(total), FMUL(FLOAD(d), FSET1(sc[0])), acc[r]);
+        if (bits == 4) acc[r] = FMA(FLOAD(m), FSET1(sc[1]), acc[r]);
       }
-      ivec sum = IADD(s0, s1);
-      if (bits == 8) sum = IADD(sum, ISET1(-Q8_OFFSET * (int)sc[2]));
-      acc[r] = FMA(ITOF(sum), FMUL(FLOAD(d), FSET1(sc[0])), acc[r]);
-      if (bits == 4) acc[r] = FMA(FLOAD(m), FSET1(sc[1]), acc[r]);
     }
   }
   if (bias) {
@@ -226,6 +233,8 @@ W4A8_TILE(w4a8_tile_q8_bf16, 8, 1)
 typedef void (*w4a8_tile)(int, const int8_t *, const float *, const uint8_t *, int, void *, long,
                           const void *);
 
+int row_group(int left, int most); /* cpu_linear.c */
+
 /* y = x W^T + b with x, y and b all fp32 or all bf16 (bf16: x widened exactly, y rounded once) */
 static void w4a8_linear(void *y, const void *x, int bf16, int m, int k, const uint8_t *w, int n,
                         int bits, const void *bias, int num_threads) {
@@ -243,11 +252,12 @@ static void w4a8_linear(void *y, const void *x, int bf16, int m, int k, const ui
                          scales + 3 * rb);
 #pragma omp for schedule(guided)
     for (int t = 0; t < n / W4A8_COLUMNS; t++)
-      for (int row = 0; row < m; row += W4A8_ROWS)
-        tile(m - row < W4A8_ROWS ? m - row : W4A8_ROWS, qx + (long)row * k,
-             scales + (long)row * blocks * 3, w + t * per_tile, k,
+      for (int row = 0, r_rows; row < m; row += r_rows) {
+        r_rows = row_group(m - row, W4A8_ROWS);
+        tile(r_rows, qx + (long)row * k, scales + (long)row * blocks * 3, w + t * per_tile, k,
              (char *)y + ((long)row * n + t * W4A8_COLUMNS) * size, n,
              bias ? (const char *)bias + t * W4A8_COLUMNS * size : NULL);
+      }
   }
   free(qx);
   free(scales);
