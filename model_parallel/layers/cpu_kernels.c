@@ -296,13 +296,26 @@ static void *alloc_lines(size_t bytes) { return aligned_alloc(64, (bytes + 63) /
     int max_context = 1;                                                                          \
     for (int b = 0; b < num_seqs; b++)                                                            \
       if (context_lens[b] > max_context) max_context = (int)context_lens[b];                      \
+    /* tasks are taken one ahead (not `omp for`), so that a thread can prefetch its next */      \
+    int next_task = 0;                                                                            \
+    const int task_bytes = groups * head_dim * (int)sizeof(T);                                    \
     _Pragma("omp parallel num_threads(num_threads)") {                                            \
       /* each head's scores padded to whole tiles, and each head's V accumulators */             \
       const size_t padded = (size_t)(max_context + TILE - 1) / TILE * TILE;                       \
       float *scores = alloc_lines(sizeof(float) * num_heads * padded);                            \
       vf *accs = alloc_lines(sizeof(vf) * num_heads * NC);                                        \
-      _Pragma("omp for schedule(dynamic, 1)") for (int task = 0; task < num_seqs * split;        \
-                                                   task++) {                                      \
+      const int tasks = num_seqs * split;                                                         \
+      int task = __atomic_fetch_add(&next_task, 1, __ATOMIC_RELAXED);                             \
+      for (int after; task < tasks; task = after) {                                               \
+        after = __atomic_fetch_add(&next_task, 1, __ATOMIC_RELAXED);                              \
+        if (after < tasks) { /* the next task's first K tile, a whole task ahead */              \
+          const int nb = after / split, ctx_next = (int)context_lens[nb];                        \
+          const int first = ctx_next < TILE ? ctx_next : TILE;                                    \
+          const int64_t *nt = block_tables + (int64_t)nb * max_blocks;                            \
+          const T *nk = k_cache + after % split * groups * head_dim;                              \
+          for (int t = 0; t < first; t++)                                                         \
+            prefetch_row(nk + token_row(nt, t, shift, token_stride), task_bytes);                 \
+        }                                                                                         \
         const int b = task / split, g0 = task % split * groups, ctx = (int)context_lens[b];       \
         T *o = out + (int64_t)b * num_heads * head_dim + g0 * G * head_dim;                       \
         const T *qb = q + b * q_stride + g0 * G * head_dim;                                       \
