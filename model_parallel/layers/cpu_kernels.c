@@ -196,9 +196,9 @@ static inline void prefetch_row(const void *row, int bytes) {
 }
 
 /* One query row's heads over its ctx tokens, KV groups of G heads (head_dim in NC vectors, the
- * last one tail wide), a 16-token tile at a time so that a tile's K rows, then its V rows, are read
- * once for every group, in the cache's order: scores LANES tokens at a time, softmax, then the V
- * rows weighted into accumulators that the tiles carry through `accs`. GD x ND bound the arrays:
+ * last one tail wide), a tile at a time through every group, so that a tile's K rows, then its V
+ * rows, are read once and in the cache's order: scores a LANES-token tile at a time, softmax, then
+ * the V rows weighted into accumulators that the TILE-token tiles carry through `accs`. GD x ND bound the arrays:
  * constants in a copy for one shape, so that they stay in registers (a variable-length array
  * lives in memory even where its bounds are constants). */
 #define TILE 16
